@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` (install + whole pipeline) and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install data demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# The embedded default dataset, regenerated deterministically so it matches data.dvc byte for byte.
+data/dataset.yaml: | install
+	$(BIN)/psyface synth --out data
+
+data: data/dataset.yaml
+
+demo: install data
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc status
+
+test: install
+	$(BIN)/python -m pytest -n 2 --durations=15
+
+bench: install
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf artifacts reports/validation reports/metrics.json

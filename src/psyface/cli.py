@@ -1,0 +1,41 @@
+"""The `psyface` command for humans: a thin dispatcher to each module's own `main(argv)`.
+
+Modules are imported only when their command runs, so `psyface --help` stays instant (torch is slow
+to import). Each entry: command -> (module, one-line help).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("psyface.dataset.synth", "generate the deterministic synthetic face dataset"),
+    "split": ("psyface.split", "stage: assign ids to train/val/test"),
+    "prepare": ("psyface.prepare", "stage: decode and resize every image once into an array"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "usage: psyface COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines) + (
+        "\n\n`psyface COMMAND --help` describes each command."
+    )
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"psyface: error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

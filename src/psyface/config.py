@@ -1,0 +1,97 @@
+"""Typed access to `params.yaml`: each stage reads only its own section into its own dataclass.
+
+Stages declare their parameters as (nested) dataclasses next to their code; this module turns a
+section of `params.yaml` into one, rejecting unknown keys and wrong types with a message that names
+the key, so a typo in `params.yaml` fails loudly instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from psyface.errors import PsyfaceError
+
+PARAMS_FILE = Path("params.yaml")
+
+T = TypeVar("T")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error when the file is missing or not a mapping."""
+    if not path.is_file():
+        raise PsyfaceError(f"{path} not found")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise PsyfaceError(f"{path} is not valid YAML: {error}") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise PsyfaceError(f"{path} must contain a mapping at the top level")
+    return content
+
+
+def load_section(section: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
+    """Build the dataclass `cls` from `params.yaml`'s `section` (missing section: all defaults)."""
+    params = read_yaml(path) if path.exists() else {}
+    return from_dict(cls, params.get(section) or {}, where=f"{path}:{section}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """Recursively build a dataclass from a mapping; unknown keys and bad types raise PsyfaceError."""
+    if not isinstance(data, dict):
+        raise PsyfaceError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise PsyfaceError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(fields)}")
+    values = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, where)
+            except PsyfaceError as error:
+                errors.append(str(error))
+        raise PsyfaceError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {args}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise PsyfaceError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise PsyfaceError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        items = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PsyfaceError(f"{where}: expected a mapping, got {value!r}")
+        value_hint = args[1] if args else Any
+        return {k: _coerce(value_hint, v, f"{where}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (
+        not isinstance(value, hint) or (hint is int and isinstance(value, bool))
+    ):
+        raise PsyfaceError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,1 @@
+"""Datasets: the canonical on-disk layout, the synthetic generator and importers for real layouts."""

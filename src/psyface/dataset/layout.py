@@ -1,0 +1,188 @@
+"""The canonical dataset layout under `data/` and its `dataset.yaml` description.
+
+Every data source (the synthetic generator, `psyface import generic`, `psyface import us10k`) writes
+this layout, and every stage reads it through `DatasetSpec`, so nothing downstream knows where the
+faces came from:
+
+    data/
+      dataset.yaml          what the columns mean (this module's schema)
+      ratings.csv           one row per image: id, attribute means, sensitive features, labels
+      images/{id}.png       the faces (template configurable)
+      masks/{id}.png        optional: uint8 bitfield, bit k set where `masks.regions[k]` is
+      landmarks.csv         optional: id, x0, y0, x1, y1, ... in image pixel coordinates
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from psyface.config import from_dict, read_yaml
+from psyface.errors import PsyfaceError
+
+DATASET_FILE = "dataset.yaml"
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """A rated attribute: its rating scale and (when known) the facial regions that cause it."""
+
+    scale: tuple[float, float]
+    regions: list[str] = field(default_factory=list)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Masks:
+    """Per-image region masks: `template` names a uint8 PNG whose bit k marks `regions[k]`."""
+
+    template: str = "masks/{id}.png"
+    regions: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Landmarks:
+    """Landmark coordinates in one CSV: `id, x0, y0, ...`; `regions` maps names to point indices."""
+
+    file: str = "landmarks.csv"
+    n_points: int = 0
+    regions: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The parsed `dataset.yaml`. `root` is the folder it was read from."""
+
+    name: str
+    attributes: dict[str, Attribute]
+    id_column: str = "id"
+    image_template: str = "images/{id}.png"
+    ratings_file: str = "ratings.csv"
+    identity_column: str | None = None
+    sensitive_features: dict[str, list[str]] = field(default_factory=dict)
+    intersections: list[list[str]] = field(default_factory=list)
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    reliability: dict[str, float] = field(default_factory=dict)
+    aligned: bool = False
+    masks: Masks | None = None
+    human_attention: Masks | None = None
+    landmarks: Landmarks | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    root: Path = Path("data")
+
+    @property
+    def attribute_names(self) -> list[str]:
+        return list(self.attributes)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.masks is not None
+
+    @property
+    def has_landmarks(self) -> bool:
+        return self.landmarks is not None
+
+    @property
+    def ratings_path(self) -> Path:
+        return self.root / self.ratings_file
+
+    def image_path(self, image_id: str) -> Path:
+        """Path of an image; refuses ids that would resolve outside the dataset folder."""
+        return _inside(self.root, self.image_template.format(id=image_id), image_id)
+
+    def mask_path(self, image_id: str) -> Path:
+        if self.masks is None:
+            raise PsyfaceError(f"dataset {self.name!r} declares no masks")
+        return _inside(self.root, self.masks.template.format(id=image_id), image_id)
+
+    def attribute_mask(self, bitfield: np.ndarray, attribute: str) -> np.ndarray:
+        """Boolean mask of the regions that cause `attribute`, from a region bitfield array."""
+        if self.masks is None:
+            raise PsyfaceError(f"dataset {self.name!r} declares no masks")
+        bits = 0
+        for region in self.attributes[attribute].regions:
+            bits |= 1 << self.masks.regions.index(region)
+        return (bitfield & bits) != 0
+
+    def read_ratings(self) -> pd.DataFrame:
+        """The ratings table with ids as strings; a missing file or id column is a clear error."""
+        path = self.ratings_path
+        if not path.is_file():
+            raise PsyfaceError(f"ratings table {path} not found")
+        try:
+            table = pd.read_csv(path, dtype={self.id_column: str}, keep_default_na=True)
+        except (UnicodeDecodeError, pd.errors.ParserError) as error:
+            raise PsyfaceError(f"cannot read ratings table {path}: {error}") from None
+        if self.id_column not in table.columns:
+            raise PsyfaceError(
+                f"{path}: id column {self.id_column!r} missing; columns found: {list(table.columns)}"
+            )
+        return table
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("root")
+        for key in ("masks", "human_attention", "landmarks", "identity_column"):
+            if data[key] is None:
+                data.pop(key)
+        for attribute in data["attributes"].values():
+            attribute["scale"] = list(attribute["scale"])
+        return data
+
+    def write(self, root: Path) -> Path:
+        """Write `dataset.yaml` into `root` (byte-stable: sorted nowhere, insertion order kept)."""
+        path = root / DATASET_FILE
+        path.write_text(yaml.safe_dump(self.to_yaml_dict(), sort_keys=False), encoding="utf-8")
+        return path
+
+
+def _inside(root: Path, relative: str, image_id: str) -> Path:
+    base = root.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(base):
+        raise PsyfaceError(f"id {image_id!r} resolves outside the dataset folder {root}")
+    return path
+
+
+def load_dataset(root: Path | str = "data") -> DatasetSpec:
+    """Read and check `root/dataset.yaml`; every inconsistency is reported with its key."""
+    root = Path(root)
+    path = root / DATASET_FILE
+    if not path.is_file():
+        raise PsyfaceError(
+            f"{path} not found: generate the default data with `psyface synth --out {root}` "
+            f"or import yours with `psyface import ...`"
+        )
+    raw = read_yaml(path)
+    spec = from_dict(DatasetSpec, raw, where=str(path))
+    spec = dataclasses.replace(spec, root=root)
+    _check(spec, path)
+    return spec
+
+
+def _check(spec: DatasetSpec, path: Path) -> None:
+    if not spec.attributes:
+        raise PsyfaceError(f"{path}: declares no attributes")
+    for name, attribute in spec.attributes.items():
+        low, high = attribute.scale
+        if not low < high:
+            raise PsyfaceError(f"{path}: attributes.{name}.scale must be [low, high], got {attribute.scale}")
+        known = spec.masks.regions if spec.masks else []
+        unknown = [r for r in attribute.regions if spec.masks and r not in known]
+        if unknown:
+            raise PsyfaceError(f"{path}: attributes.{name}.regions {unknown} not in masks.regions {known}")
+    if "{id}" not in spec.image_template:
+        raise PsyfaceError(f"{path}: image_template must contain {{id}}, got {spec.image_template!r}")
+    overlap = set(spec.attributes) & (set(spec.sensitive_features) | set(spec.labels))
+    if overlap:
+        raise PsyfaceError(f"{path}: {sorted(overlap)} declared both as attribute and as category")
+    for combo in spec.intersections:
+        missing = [f for f in combo if f not in spec.sensitive_features]
+        if missing:
+            raise PsyfaceError(f"{path}: intersection {combo} names undeclared sensitive features {missing}")

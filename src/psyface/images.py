@@ -1,0 +1,73 @@
+"""The one image loader: every stage (validate, prepare, predict, explain) decodes faces through it.
+
+Convertible inputs (CMYK, greyscale, palette/RGBA, 16-bit) become 8-bit RGB; undecodable, tiny or
+oversized files raise `ImageProblem` with a reason, so callers can report or quarantine them.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Explicit decompression-bomb limit (PIL's own default would only warn below 2x this).
+MAX_IMAGE_PIXELS = 50_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+MIN_IMAGE_SIDE = 16
+
+
+class ImageProblem(ValueError):
+    """An image that cannot be used; `reason` is a short rule name, the message says why."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_image(source: Path | bytes, min_side: int = MIN_IMAGE_SIDE) -> Image.Image:
+    """Decode a file or bytes into an RGB PIL image, converting what can be converted."""
+    name = str(source) if isinstance(source, Path) else "<bytes>"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            handle = io.BytesIO(source) if isinstance(source, bytes) else source
+            image = Image.open(handle)
+            image.load()
+    except FileNotFoundError:
+        raise ImageProblem("missing_file", f"{name}: file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageProblem(
+            "too_many_pixels", f"{name}: {error} (psyface limit MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS:,})"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageProblem("undecodable", f"{name}: cannot decode image ({error})") from None
+    if min(image.size) < min_side:
+        raise ImageProblem(
+            "too_small", f"{name}: {image.size[0]}x{image.size[1]} px is below the minimum side {min_side} px"
+        )
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode; transparent areas are composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def load_image(source: Path | bytes, size: int, min_side: int = MIN_IMAGE_SIDE) -> np.ndarray:
+    """Decode and resize to `size` x `size` (whole image, like the published peer): uint8 HxWx3."""
+    image = decode_image(source, min_side=min_side)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)

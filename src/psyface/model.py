@@ -1,0 +1,111 @@
+"""Building the network and the one preprocessing path shared by train, predict and explain.
+
+`AttributeNet` = a convolutional backbone (`features`) + a head mapping to one output per rated
+attribute (standardised units). `embed` gives the penultimate features the report's manifold view
+uses; `last_conv` is the layer Grad-CAM attributes to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from psyface.errors import PsyfaceError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TORCHVISION_VGGS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")
+
+Head = Literal["gap", "paper"]
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a trained model and put its outputs back on the rating scale."""
+
+    arch: str = "vgg16"
+    head: Head = "gap"
+    attributes: list[str] = field(default_factory=list)
+    image_size: int = 64
+    target_mean: list[float] = field(default_factory=list)
+    target_std: list[float] = field(default_factory=list)
+    scales: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_rating_scale(self, standardised: np.ndarray) -> np.ndarray:
+        """Model outputs (standardised) -> ratings on each attribute's scale."""
+        return standardised * np.asarray(self.target_std) + np.asarray(self.target_mean)
+
+
+class AttributeNet(nn.Module):
+    """Backbone + head; `forward` returns (batch, n_attributes) standardised predictions."""
+
+    def __init__(self, features: nn.Module, pre_logits: nn.Module, last_layer: nn.Linear):
+        super().__init__()
+        self.features = features
+        self.pre_logits = pre_logits
+        self.last_layer = last_layer
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate representation (input to the last linear layer)."""
+        return self.pre_logits(self.features(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.embed(images))
+
+    @property
+    def last_conv(self) -> nn.Conv2d:
+        convs = [m for m in self.features.modules() if isinstance(m, nn.Conv2d)]
+        return convs[-1]
+
+
+def build_model(arch: str, head: Head, n_outputs: int) -> AttributeNet:
+    """A randomly initialised network (weights are loaded by the caller when asked)."""
+    if arch in TORCHVISION_VGGS:
+        import torchvision
+
+        vgg = getattr(torchvision.models, arch)(weights=None)
+        features: nn.Module = vgg.features
+        channels = 512
+        if head == "paper":
+            # The peer's network: original classifier, last Linear(4096, 1000) -> Linear(4096, n).
+            pre_logits: nn.Module = nn.Sequential(vgg.avgpool, nn.Flatten(1), *list(vgg.classifier)[:-1])
+            return AttributeNet(features, pre_logits, nn.Linear(4096, n_outputs))
+    else:
+        import timm
+
+        try:
+            backbone = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="")
+        except RuntimeError as error:
+            raise PsyfaceError(f"unknown architecture {arch!r}: {error}") from None
+        if head == "paper":
+            raise PsyfaceError(f"head 'paper' exists only for VGG architectures {TORCHVISION_VGGS}, not {arch!r}")
+        features = _TimmFeatures(backbone)
+        channels = backbone.num_features
+    pre_logits = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Dropout(0.2))
+    return AttributeNet(features, pre_logits, nn.Linear(channels, n_outputs))
+
+
+class _TimmFeatures(nn.Module):
+    """Adapter so a timm model's `forward_features` looks like a `features` stack."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(images)
+
+
+def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (N, H, W, 3) images -> normalised float (N, 3, H, W) tensor in channels_last memory."""
+    batch = torch.as_tensor(images).to(device)
+    if batch.ndim == 3:
+        batch = batch.unsqueeze(0)
+    batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
+    return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
