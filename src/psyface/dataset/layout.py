@@ -27,6 +27,7 @@ from psyface.config import from_dict, read_yaml
 from psyface.errors import PsyfaceError
 
 DATASET_FILE = "dataset.yaml"
+DATA_DIR = Path("data")  # the DVC-tracked dataset every stage reads (data.dvc)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def _inside(root: Path, relative: str, image_id: str) -> Path:
     return path
 
 
-def load_dataset(root: Path | str = "data") -> DatasetSpec:
+def load_dataset(root: Path | str = DATA_DIR) -> DatasetSpec:
     """Read and check `root/dataset.yaml`; every inconsistency is reported with its key."""
     root = Path(root)
     path = root / DATASET_FILE
