@@ -7,7 +7,10 @@ uses; `last_conv` is the layer Grad-CAM attributes to.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -15,6 +18,9 @@ import torch
 from torch import nn
 
 from psyface.errors import PsyfaceError
+
+WEIGHTS_FILE = "weights.safetensors"
+SPEC_FILE = "spec.json"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,3 +115,38 @@ def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cp
     mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
     return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def save_trained(net: AttributeNet, spec: ModelSpec, folder: Path) -> dict[str, Path]:
+    """Write weights (safetensors: no pickle) and spec (JSON) into `folder`; returns both paths."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"weights": folder / WEIGHTS_FILE, "spec": folder / SPEC_FILE}
+    save_file({name: tensor.contiguous() for name, tensor in net.state_dict().items()}, paths["weights"])
+    paths["spec"].write_text(json.dumps(dataclasses.asdict(spec), indent=2), encoding="utf-8")
+    return paths
+
+
+def load_trained(weights: Path, spec_file: Path) -> tuple[AttributeNet, ModelSpec]:
+    """Rebuild a model written by `save_trained`, in eval mode, without unpickling anything."""
+    from safetensors.torch import load_file
+
+    from psyface.config import from_dict
+
+    spec = from_dict(ModelSpec, json.loads(Path(spec_file).read_text(encoding="utf-8")), where=str(spec_file))
+    net = build_model(spec.arch, spec.head, len(spec.attributes))
+    net.load_state_dict(load_file(weights))
+    return net.to(memory_format=torch.channels_last).eval(), spec
+
+
+def predict_ratings(net: AttributeNet, spec: ModelSpec, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """uint8 (N, H, W, 3) images -> (N, n_attributes) predictions on the rating scale."""
+    device = next(net.parameters()).device
+    outputs = []
+    net.eval()
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            outputs.append(net(to_input(images[start : start + batch_size], device)).float().cpu().numpy())
+    standardised = np.concatenate(outputs) if outputs else np.zeros((0, len(spec.attributes)), np.float32)
+    return spec.to_rating_scale(standardised)

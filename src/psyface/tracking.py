@@ -1,0 +1,176 @@
+"""Everything MLflow: where runs live, reopening a run, lineage tags, logging/loading models, aliases.
+
+Later stages (evaluate, explain, report) find the training run through `artifacts/train/run.json`
+(`read_run_file`), log into it with `open_run(run_id)` and load the network with `load_model(uri)`,
+which reads safetensors weights + a JSON spec and never unpickles anything. Serving the registered
+pyfunc (`mlflow models serve`) does unpickle: load registered models only from stores you trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import yaml
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from psyface.errors import PsyfaceError
+from psyface.model import SPEC_FILE, WEIGHTS_FILE, AttributeNet, ModelSpec, load_trained, save_trained
+
+# SQLite backend inside mlruns/ (the file store is deprecated); artifacts land under ./mlruns too.
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+RUN_FILE = Path("artifacts/train/run.json")
+MODEL_ARTIFACT = "model"
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+# What the pyfunc needs at serving time (psyface itself must be importable: `--env-manager local`).
+PYFUNC_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "safetensors", "mlflow")
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """The contract `artifacts/train/run.json` carries from `train` to the later stages."""
+
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+    model_name: str
+    model_version: str
+    model_uri: str
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` (a team server) if set, else the SQLite store in ./mlruns."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    Path("mlruns").mkdir(exist_ok=True)
+    return DEFAULT_TRACKING_URI
+
+
+def use_tracking(uri: str | None = None) -> str:
+    """Point MLflow (tracking and registry) at `uri` or the default; returns the URI used."""
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def write_run_file(run: TrainedRun, path: Path = RUN_FILE) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(dataclasses.asdict(run), indent=2) + "\n", encoding="utf-8")
+    partial.replace(path)
+
+
+def read_run_file(path: Path = RUN_FILE) -> TrainedRun:
+    if not path.is_file():
+        raise PsyfaceError(f"{path} not found: run the train stage first (`dvc repro train`)")
+    return TrainedRun(**json.loads(path.read_text(encoding="utf-8")))
+
+
+@contextmanager
+def open_run(run_id: str, uri: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Log into an existing run; its final status is left as it was (adding artifacts is no outcome)."""
+    use_tracking(uri)
+    prior = MlflowClient().get_run(run_id).info.status
+    active = mlflow.start_run(run_id=run_id)
+    try:
+        yield active
+    finally:
+        mlflow.end_run(status=prior if prior != "RUNNING" else "FINISHED")
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested params -> {"train.lr": "0.001", ...} for `mlflow.log_params`."""
+    flat: dict[str, str] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return flat
+
+
+def git_tags() -> dict[str, str]:
+    """The commit the code came from and whether the working tree had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"git.commit": git("rev-parse", "HEAD"), "git.dirty": str(bool(git("status", "--porcelain"))).lower()}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+def data_hash(dvc_file: Path = Path("data.dvc")) -> str:
+    """The dataset's DVC hash (the `md5` of `data.dvc`'s output), or 'untracked'."""
+    if not dvc_file.is_file():
+        return "untracked"
+    outs = (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}).get("outs") or [{}]
+    return str(outs[0].get("md5", "untracked"))
+
+
+def log_model(net: AttributeNet, spec: ModelSpec, registry_name: str, input_example: pd.DataFrame) -> ModelVersion:
+    """Log the network as a pyfunc (preprocessing included) into the active run and register it."""
+    from psyface.predict import signature
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = save_trained(net, spec, Path(folder))
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={key: str(path) for key, path in paths.items()},
+            signature=signature(spec),
+            input_example=input_example,
+            pip_requirements=[f"{package}=={version(package)}" for package in PYFUNC_REQUIREMENTS],
+            registered_model_name=registry_name,
+        )
+    return MlflowClient().get_model_version(registry_name, str(info.registered_model_version))
+
+
+def load_model(model_uri: str, uri: str | None = None) -> tuple[AttributeNet, ModelSpec]:
+    """(network in eval mode, spec) from `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/...`
+    or a local model folder; reads only safetensors + JSON, so it is safe on untrusted stores."""
+    use_tracking(uri)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/artifacts", dst_path=folder))
+        except (MlflowException, OSError) as error:
+            raise PsyfaceError(f"cannot load model {model_uri!r}: {str(error).splitlines()[0]}") from None
+        if not (local / WEIGHTS_FILE).is_file():
+            raise PsyfaceError(f"{model_uri!r} is not a psyface model (no {WEIGHTS_FILE} in its artifacts)")
+        return load_trained(local / WEIGHTS_FILE, local / SPEC_FILE)
+
+
+def alias_version(name: str, alias: str) -> ModelVersion | None:
+    """The version of registered model `name` holding `alias`, or None."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def tag_version(name: str, version: str, tags: Mapping[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
