@@ -40,6 +40,7 @@ class ModelSpec:
     target_mean: list[float] = field(default_factory=list)
     target_std: list[float] = field(default_factory=list)
     scales: dict[str, list[float]] = field(default_factory=dict)
+    per_attribute: bool = False  # one single-output network per attribute (an AttributeEnsemble)
 
     def to_rating_scale(self, standardised: np.ndarray) -> np.ndarray:
         """Model outputs (standardised) -> ratings on each attribute's scale."""
@@ -95,6 +96,82 @@ def build_model(arch: str, head: Head, n_outputs: int) -> AttributeNet:
     return AttributeNet(features, pre_logits, nn.Linear(channels, n_outputs))
 
 
+class AttributeEnsemble(nn.Module):
+    """One single-output AttributeNet per attribute (the peer's protocol), used like one network.
+    Grad-CAM on attribute k uses `members[k].last_conv`."""
+
+    def __init__(self, members: list[AttributeNet]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([member.embed(images) for member in self.members], dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([member(images) for member in self.members], dim=1)
+
+
+def build_for_spec(spec: ModelSpec) -> AttributeNet | AttributeEnsemble:
+    """The (random) network a spec describes: multi-task, or one network per attribute."""
+    if spec.per_attribute:
+        return AttributeEnsemble([build_model(spec.arch, spec.head, 1) for _ in spec.attributes])
+    return build_model(spec.arch, spec.head, len(spec.attributes))
+
+
+def imagenet_weights_file(arch: str) -> Path:
+    """Where `init: imagenet` expects the weights: torch hub's checkpoints folder, file named as the
+    download would name it. Missing -> an error naming the exact file and folder."""
+    if arch in TORCHVISION_VGGS:
+        import torchvision
+
+        url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
+    else:
+        import timm
+
+        config = timm.models.get_pretrained_cfg(arch) if timm.is_model(arch) else None
+        url = config.url if config else None
+        if not url:
+            raise PsyfaceError(f"no single-file ImageNet weights known for {arch!r}: use init: PATH.safetensors instead")
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    path = folder / url.rsplit("/", 1)[-1]
+    if not path.is_file():
+        raise PsyfaceError(f"init: imagenet needs {path.name} in {folder} (from {url}); put the file there or use init: scratch")
+    return path
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a `.safetensors` file or a `.pth`/`.pt` state dict (loaded with weights_only)."""
+    if not path.is_file():
+        raise PsyfaceError(f"init weights file {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else {}
+
+
+def load_matching(net: nn.Module, state: dict[str, torch.Tensor], arch: str) -> tuple[int, int]:
+    """Copy every tensor whose (renamed) key and shape match; returns (loaded, skipped).
+
+    Accepts psyface state dicts as they are, torchvision VGG ones (`classifier.0/3` -> `pre_logits.2/5`,
+    the 1000-class layer dropped) and timm ones (under `features.backbone.`)."""
+    own = net.state_dict()
+    renamed = {}
+    for key, tensor in state.items():
+        if key not in own:
+            if arch in TORCHVISION_VGGS:
+                key = key.replace("classifier.0.", "pre_logits.2.").replace("classifier.3.", "pre_logits.5.")
+            else:
+                key = f"features.backbone.{key}"
+        if key in own and own[key].shape == tensor.shape:
+            renamed[key] = tensor
+    if not renamed:
+        raise PsyfaceError(f"none of the {len(state)} tensors in the init weights fit architecture {arch!r}")
+    net.load_state_dict(renamed, strict=False)
+    return len(renamed), len(own) - len(renamed)
+
+
 class _TimmFeatures(nn.Module):
     """Adapter so a timm model's `forward_features` looks like a `features` stack."""
 
@@ -106,18 +183,26 @@ class _TimmFeatures(nn.Module):
         return self.backbone.forward_features(images)
 
 
-def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 (N, H, W, 3) images -> normalised float (N, 3, H, W) tensor in channels_last memory."""
+def to_unit(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (N, H, W, 3) images -> float (N, 3, H, W) in [0, 1] (where augmentation happens)."""
     batch = torch.as_tensor(images).to(device)
     if batch.ndim == 3:
         batch = batch.unsqueeze(0)
-    batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    return batch.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalise(batch: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float (N, 3, H, W) -> ImageNet-normalised, channels_last."""
     mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
     return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def save_trained(net: AttributeNet, spec: ModelSpec, folder: Path) -> dict[str, Path]:
+def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (N, H, W, 3) images -> normalised float (N, 3, H, W) tensor in channels_last memory."""
+    return normalise(to_unit(images, device))
+
+def save_trained(net: AttributeNet | AttributeEnsemble, spec: ModelSpec, folder: Path) -> dict[str, Path]:
     """Write weights (safetensors: no pickle) and spec (JSON) into `folder`; returns both paths."""
     from safetensors.torch import save_file
 
@@ -128,19 +213,19 @@ def save_trained(net: AttributeNet, spec: ModelSpec, folder: Path) -> dict[str, 
     return paths
 
 
-def load_trained(weights: Path, spec_file: Path) -> tuple[AttributeNet, ModelSpec]:
+def load_trained(weights: Path, spec_file: Path) -> tuple[AttributeNet | AttributeEnsemble, ModelSpec]:
     """Rebuild a model written by `save_trained`, in eval mode, without unpickling anything."""
     from safetensors.torch import load_file
 
     from psyface.config import from_dict
 
     spec = from_dict(ModelSpec, json.loads(Path(spec_file).read_text(encoding="utf-8")), where=str(spec_file))
-    net = build_model(spec.arch, spec.head, len(spec.attributes))
+    net = build_for_spec(spec)
     net.load_state_dict(load_file(weights))
     return net.to(memory_format=torch.channels_last).eval(), spec
 
 
-def predict_ratings(net: AttributeNet, spec: ModelSpec, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def predict_ratings(net: AttributeNet | AttributeEnsemble, spec: ModelSpec, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """uint8 (N, H, W, 3) images -> (N, n_attributes) predictions on the rating scale."""
     device = next(net.parameters()).device
     outputs = []

@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from psyface.errors import PsyfaceError
-from psyface.model import SPEC_FILE, WEIGHTS_FILE, AttributeNet, ModelSpec, load_trained, save_trained
+from psyface.model import SPEC_FILE, WEIGHTS_FILE, AttributeEnsemble, AttributeNet, ModelSpec, load_trained, save_trained
 
 # SQLite backend inside mlruns/ (the file store is deprecated); artifacts land under ./mlruns too.
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -126,7 +126,7 @@ def data_hash(dvc_file: Path = Path("data.dvc")) -> str:
     return str(outs[0].get("md5", "untracked"))
 
 
-def log_model(net: AttributeNet, spec: ModelSpec, registry_name: str, input_example: pd.DataFrame) -> ModelVersion:
+def log_model(net: AttributeNet | AttributeEnsemble, spec: ModelSpec, registry_name: str, input_example: pd.DataFrame) -> ModelVersion:
     """Log the network as a pyfunc (preprocessing included) into the active run and register it."""
     from psyface.predict import signature
 
@@ -144,7 +144,7 @@ def log_model(net: AttributeNet, spec: ModelSpec, registry_name: str, input_exam
     return MlflowClient().get_model_version(registry_name, str(info.registered_model_version))
 
 
-def load_model(model_uri: str, uri: str | None = None) -> tuple[AttributeNet, ModelSpec]:
+def load_model(model_uri: str, uri: str | None = None) -> tuple[AttributeNet | AttributeEnsemble, ModelSpec]:
     """(network in eval mode, spec) from `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/...`
     or a local model folder; reads only safetensors + JSON, so it is safe on untrusted stores."""
     use_tracking(uri)
