@@ -1,0 +1,478 @@
+"""Stage `train`: fit the network on the prepared array, track it in MLflow, register a candidate.
+
+The core (`augment`, `train_epochs`) takes tensors and returns a `TrainState`; the stage around it
+reads `artifacts/prepared/`, checkpoints every epoch (an interrupted run resumes bit-identically),
+logs to MLflow and registers the model with alias `candidate`. Multi-task by default: one network,
+every attribute, standardised targets (train mean/std travel in the ModelSpec). `per_attribute: true`
+trains one network per attribute (the peer's protocol) as nested runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import io
+import json
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from psyface.config import PARAMS_FILE, load_section, read_yaml
+from psyface.dataset.layout import DATA_DIR, load_dataset
+from psyface.errors import PsyfaceError, entry_point
+from psyface.model import (
+    AttributeEnsemble,
+    AttributeNet,
+    Head,
+    ModelSpec,
+    build_model,
+    imagenet_weights_file,
+    load_matching,
+    normalise,
+    read_state_dict,
+    to_input,
+    to_unit,
+)
+
+PREPARED_DIR = Path("artifacts/prepared")
+TRAIN_DIR = Path("artifacts/train")
+CHECKPOINT_DIR = TRAIN_DIR / "checkpoints"
+HISTORY_FILE = TRAIN_DIR / "history.csv"
+
+
+@dataclass
+class Augmentation:
+    """Random per-image transforms applied to whole batches on the training device."""
+
+    flip: bool = True
+    rotation_deg: float = 8.0
+    translate: float = 0.06  # fraction of the image side
+    brightness: float = 0.15
+    contrast: float = 0.15
+    saturation: float = 0.1
+
+
+@dataclass
+class TrainParams:
+    arch: str = "vgg16"
+    head: Head = "gap"
+    init: str = "scratch"  # scratch | imagenet | PATH.pth/.safetensors | models:/NAME@ALIAS
+    per_attribute: bool = False
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    patience: int = 4
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile, CUDA only
+    experiment: str = "psyface"
+    augmentation: Augmentation = field(default_factory=Augmentation)
+
+
+@dataclass
+class RegistryParams:
+    name: str = "psyface-vgg16"
+
+
+@dataclass
+class Data:
+    """Uint8 images (N, H, W, 3) and standardised float32 targets (N, n_attributes)."""
+
+    images: np.ndarray
+    targets: np.ndarray
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue training exactly where it stopped (saved every epoch)."""
+
+    epoch: int = 0
+    best_r: float = -math.inf
+    best_epoch: int = 0
+    stale: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_model: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    run_id: str = ""
+    fingerprint: str = ""
+    finished: bool = False
+
+
+# ---------------------------------------------------------------- pure core: tensors in, state out
+
+
+def augment(batch: torch.Tensor, settings: Augmentation, generator: torch.Generator) -> torch.Tensor:
+    """Flip, rotate/translate and colour-jitter a [0, 1] (N, 3, H, W) batch, each image its own draw."""
+    n = batch.shape[0]
+
+    def uniform(scale: float) -> torch.Tensor:
+        return (torch.rand(n, generator=generator) * 2 - 1) * scale
+
+    angle = uniform(math.radians(settings.rotation_deg))
+    shift = torch.stack([uniform(settings.translate * 2), uniform(settings.translate * 2)], dim=1)
+    flip = torch.rand(n, generator=generator) < 0.5 if settings.flip else torch.zeros(n, dtype=torch.bool)
+    sign = torch.where(flip, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) * sign, -torch.sin(angle)
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) * sign, torch.cos(angle)
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(batch.device), list(batch.shape), align_corners=False)
+    batch = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    factors = [1 + uniform(s).to(batch.device).view(n, 1, 1, 1) for s in
+               (settings.brightness, settings.contrast, settings.saturation)]
+    batch = batch * factors[0]
+    grey = (batch * torch.tensor([0.299, 0.587, 0.114], device=batch.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    batch = (batch - grey.mean((2, 3), keepdim=True)) * factors[1] + grey.mean((2, 3), keepdim=True)
+    batch = (batch - grey) * factors[2] + grey
+    return batch.clamp_(0, 1)
+
+
+def pearson_per_column(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Pearson r of each column (0 where either side is constant)."""
+    p = predicted - predicted.mean(0)
+    a = actual - actual.mean(0)
+    denominator = np.sqrt((p**2).sum(0) * (a**2).sum(0))
+    return np.divide((p * a).sum(0), denominator, out=np.zeros(p.shape[1]), where=denominator > 0)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to zero, exactly over the epoch budget."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def predict_standardised(net: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device,
+                         autocast: bool) -> np.ndarray:
+    net.eval()
+    outputs = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        for start in range(0, len(images), batch_size):
+            outputs.append(net(to_input(images[start : start + batch_size], device)).float().cpu().numpy())
+    return np.concatenate(outputs)
+
+
+def train_epochs(
+    net: torch.nn.Module,
+    train: Data,
+    val: Data,
+    params: TrainParams,
+    state: TrainState,
+    device: torch.device,
+    on_epoch: Callable[[TrainState], None] = lambda state: None,
+    label: str = "",
+) -> TrainState:
+    """Train from `state` (fresh or restored) until the epoch budget or early stopping; calls
+    `on_epoch(state)` after each epoch with a state that resumes bit-identically."""
+    autocast = params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda")
+    model = torch.compile(net) if params.compile and device.type == "cuda" else net
+    steps = math.ceil(len(train.images) / params.batch_size)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    total, warmup = params.epochs * steps, max(1, round(params.warmup_epochs * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
+    generator = torch.Generator()
+    if state.model:
+        net.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        torch.set_rng_state(state.rng["torch"])
+        generator.set_state(state.rng["generator"])
+    else:
+        torch.manual_seed(params.seed)
+        generator.manual_seed(params.seed)
+    targets = torch.as_tensor(train.targets)
+    while state.epoch < params.epochs and state.stale < params.patience:
+        model.train()
+        order = torch.randperm(len(train.images), generator=generator)
+        losses = []
+        bar = tqdm(range(steps), desc=f"{label}epoch {state.epoch + 1}/{params.epochs}", unit="batch", leave=False)
+        for step in bar:
+            index = order[step * params.batch_size : (step + 1) * params.batch_size]
+            batch = normalise(augment(to_unit(train.images[index.numpy()], device), params.augmentation, generator))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = F.mse_loss(model(batch).float(), targets[index].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        predicted = predict_standardised(model, val.images, params.batch_size * 2, device, autocast)
+        r = pearson_per_column(predicted, val.targets)
+        state.epoch += 1
+        record = {"epoch": state.epoch, "train_loss": float(np.mean(losses)),
+                  "val_loss": float(np.mean((predicted - val.targets) ** 2)), "val_mean_r": float(r.mean()),
+                  "lr": scheduler.get_last_lr()[0], **{f"val_r_{i}": float(v) for i, v in enumerate(r)}}
+        state.history.append(record)
+        if record["val_mean_r"] > state.best_r:
+            state.best_r, state.best_epoch, state.stale = record["val_mean_r"], state.epoch, 0
+            state.best_model = copy.deepcopy(net.state_dict())
+        else:
+            state.stale += 1
+        state.model, state.optimizer, state.scheduler = net.state_dict(), optimizer.state_dict(), scheduler.state_dict()
+        state.rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+        bar.close()
+        tqdm.write(f"{label}epoch {state.epoch}: loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}"
+                   f"  val r {record['val_mean_r']:.3f}")
+        on_epoch(state)
+    return state
+
+
+# ---------------------------------------------------------------- stage edges: files, checkpoints
+
+
+def read_prepared(folder: Path = PREPARED_DIR) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any]]:
+    """The `prepare` outputs: images (uint8 N×S×S×3), table (row i ↔ images[i]) and meta."""
+    for name in ("images.npy", "table.csv", "meta.json"):
+        if not (folder / name).is_file():
+            raise PsyfaceError(f"{folder / name} not found: run the prepare stage first (`dvc repro prepare`)")
+    images = np.load(folder / "images.npy")
+    table = pd.read_csv(folder / "table.csv", dtype={"id": str})
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    if len(table) != len(images):
+        raise PsyfaceError(f"{folder}: table.csv has {len(table)} rows but images.npy {len(images)} images")
+    return images, table, meta
+
+
+def split_data(images: np.ndarray, table: pd.DataFrame, attributes: list[str]) -> tuple[dict[str, Data], list[float], list[float]]:
+    """Per split: images and targets standardised with the train split's mean and std."""
+    ratings = table[attributes].to_numpy(np.float64)
+    train_rows = (table["split"] == "train").to_numpy()
+    mean, std = ratings[train_rows].mean(0), ratings[train_rows].std(0)
+    std[std == 0] = 1.0
+    data = {}
+    for split in ("train", "val", "test"):
+        rows = (table["split"] == split).to_numpy()
+        if not rows.any():
+            raise PsyfaceError(f"the prepared table has no {split!r} rows")
+        data[split] = Data(images[rows], ((ratings[rows] - mean) / std).astype(np.float32))
+    return data, mean.tolist(), std.tolist()
+
+
+def fingerprint(params: TrainParams, folder: Path = PREPARED_DIR) -> str:
+    """Hash of the training params and the prepared data: a checkpoint resumes only the same training."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(params), sort_keys=True).encode())
+    for name in ("images.npy", "table.csv", "meta.json"):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(state: TrainState, path: Path) -> None:
+    """Atomic `torch.save` of plain state dicts (loadable with weights_only=True)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(dataclasses.asdict(state), partial)
+    partial.replace(path)
+
+
+def load_checkpoint(path: Path, expected_fingerprint: str) -> TrainState | None:
+    """The unfinished state of the same training, or None (fresh start)."""
+    if not path.is_file():
+        return None
+    state = TrainState(**torch.load(path, map_location="cpu", weights_only=True))
+    if state.fingerprint != expected_fingerprint or state.finished:
+        return None
+    return state
+
+
+def initialise(net: AttributeNet, params: TrainParams) -> dict[str, str]:
+    """Apply `params.init` to a freshly built network; returns tags describing what was loaded."""
+    if params.init == "scratch":
+        return {"init": "scratch"}
+    if params.init.startswith("models:/"):
+        from psyface.tracking import load_model
+
+        source, _ = load_model(params.init)
+        if not isinstance(source, AttributeNet):
+            raise PsyfaceError(f"init {params.init!r} is a per-attribute ensemble; initialise from a multi-task model")
+        state = source.state_dict()
+    elif params.init == "imagenet":
+        state = read_state_dict(imagenet_weights_file(params.arch))
+    elif params.init.endswith((".pth", ".pt", ".safetensors")):
+        state = read_state_dict(Path(params.init))
+    else:
+        raise PsyfaceError(f"train.init {params.init!r}: expected scratch, imagenet, a .pth/.safetensors file or models:/NAME@ALIAS")
+    loaded, skipped = load_matching(net, state, params.arch)
+    return {"init": params.init, "init.loaded_tensors": str(loaded), "init.skipped_tensors": str(skipped)}
+
+
+def learning_curves_figure(history: pd.DataFrame, attributes: list[str]):  # -> matplotlib Figure
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(history["epoch"], history["train_loss"], label="train")
+    left.plot(history["epoch"], history["val_loss"], label="val")
+    left.set(xlabel="epoch", ylabel="MSE (standardised)", title="loss")
+    left.legend()
+    for attribute in attributes:
+        right.plot(history["epoch"], history[f"val_r_{attribute}"], label=attribute)
+    right.plot(history["epoch"], history["val_mean_r"], "k--", label="mean")
+    right.set(xlabel="epoch", ylabel="Pearson r", title="validation r", ylim=(-0.2, 1))
+    right.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return figure
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def run_training(params: TrainParams, registry: RegistryParams, all_params: dict[str, Any]) -> None:
+    """The stage: data -> (resumable) training -> MLflow run + registered candidate -> run.json."""
+    import mlflow
+
+    from psyface import tracking
+
+    torch.use_deterministic_algorithms(True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images, table, meta = read_prepared()
+    dataset = load_dataset(DATA_DIR)
+    attributes = list(meta.get("attributes") or dataset.attribute_names)
+    data, mean, std = split_data(images, table, attributes)
+    spec = ModelSpec(arch=params.arch, head=params.head, attributes=attributes, image_size=int(images.shape[1]),
+                     target_mean=mean, target_std=std, per_attribute=params.per_attribute,
+                     scales={a: list(dataset.attributes[a].scale) for a in attributes})
+    print_ = fingerprint(params)
+    tasks = [(a, [i]) for i, a in enumerate(attributes)] if params.per_attribute else [("", list(range(len(attributes))))]
+    checkpoints = {task: CHECKPOINT_DIR / (f"last-{task}.pt" if task else "last.pt") for task, _ in tasks}
+    states = {task: load_checkpoint(path, print_) for task, path in checkpoints.items()}
+    uri = tracking.use_tracking()
+    experiment = mlflow.set_experiment(params.experiment)
+    resume_id = next((s.run_id for s in states.values() if s and s.run_id), None)
+    if resume_id and not _run_exists(resume_id):
+        resume_id, states = None, dict.fromkeys(states)
+    with mlflow.start_run(run_id=resume_id, log_system_metrics=True) as run:
+        if resume_id:
+            mlflow.set_tag("resumed_from_epoch", str(min((s.epoch for s in states.values() if s), default=0)))
+        else:
+            mlflow.log_params(tracking.flatten(all_params))
+            mlflow.set_tags({**tracking.git_tags(), "data_hash": tracking.data_hash(), "dataset": dataset.name,
+                             "split_hash": split_hash(table)})
+            mlflow.log_input(mlflow.data.from_pandas(table, source=str(PREPARED_DIR), name=dataset.name), context="training")
+        networks = []
+        for task, columns in tasks:
+            torch.manual_seed(params.seed)
+            net = build_model(params.arch, params.head, len(columns)).to(device, memory_format=torch.channels_last)
+            state = states[task] or TrainState(run_id=run.info.run_id, fingerprint=print_)
+            names = [attributes[c] for c in columns]
+            train = Data(data["train"].images, data["train"].targets[:, columns])
+            val = Data(data["val"].images, data["val"].targets[:, columns])
+            child = mlflow.start_run(run_name=task, nested=True, run_id=_child_run(run.info.run_id, task)) if task else nullcontext()
+            with child:
+                if task:
+                    mlflow.set_tag("attribute", task)
+                if not state.model:
+                    mlflow.set_tags(initialise(net, params))
+                state = train_epochs(net, train, val, params, state, device,
+                                     on_epoch=lambda s, p=checkpoints[task], n=names: _after_epoch(s, p, n),
+                                     label=f"{task} " if task else "")
+                mlflow.log_metrics({"best_val_mean_r": state.best_r, "best_epoch": state.best_epoch})
+            net.load_state_dict(state.best_model)
+            networks.append((net, state, checkpoints[task]))
+        final = networks[0][0] if not params.per_attribute else AttributeEnsemble([n for n, _, _ in networks])
+        history = _write_history(networks, attributes, params.per_attribute)
+        mlflow.log_figure(learning_curves_figure(history, attributes), "plots/learning_curves.png")
+        mlflow.log_artifact(str(HISTORY_FILE), "train")
+        example = pd.DataFrame({"image": [png_bytes(data["val"].images[0])]})
+        version = tracking.log_model(final.cpu(), spec, registry.name, example)
+        tracking.set_alias(registry.name, tracking.CANDIDATE, version.version)
+        tracking.tag_version(registry.name, version.version, {"data_hash": tracking.data_hash(),
+                                                             "split_hash": split_hash(table), "run_id": run.info.run_id})
+        for _, state, path in networks:
+            state.finished = True
+            save_checkpoint(state, path)
+        tracking.write_run_file(tracking.TrainedRun(
+            tracking_uri=uri, experiment_id=experiment.experiment_id, run_id=run.info.run_id,
+            model_name=registry.name, model_version=str(version.version),
+            model_uri=f"models:/{registry.name}/{version.version}"))
+
+
+def split_hash(table: pd.DataFrame) -> str:
+    """Which ids are in which split: promotion compares only models evaluated on the same split."""
+    pairs = table[["id", "split"]].astype(str).agg(":".join, axis=1)
+    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()[:16]
+
+
+def _after_epoch(state: TrainState, path: Path, attributes: list[str]) -> None:
+    import mlflow
+
+    record = state.history[-1]
+    metrics = {key: value for key, value in record.items() if not key.startswith("val_r_") and key != "epoch"}
+    metrics.update({f"val_r_{attributes[int(key[6:])]}": value for key, value in record.items() if key.startswith("val_r_")})
+    mlflow.log_metrics(metrics, step=state.epoch)
+    save_checkpoint(state, path)
+
+
+def _run_exists(run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def _child_run(parent_id: str, attribute: str) -> str | None:
+    """The nested run of `attribute` under `parent_id` from an interrupted attempt, to continue it."""
+    import mlflow
+
+    runs = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.attribute = '{attribute}'",
+                              output_format="list")
+    return runs[0].info.run_id if runs else None
+
+
+def _write_history(networks: list, attributes: list[str], per_attribute: bool) -> pd.DataFrame:
+    """Per-epoch curves as a CSV (a `dvc plots` source): attribute names instead of column indices."""
+    frames = []
+    for index, (_, state, _) in enumerate(networks):
+        frame = pd.DataFrame(state.history)
+        names = [attributes[index]] if per_attribute else attributes
+        frame = frame.rename(columns={f"val_r_{i}": f"val_r_{name}" for i, name in enumerate(names)})
+        frames.append(frame.set_index("epoch") if not per_attribute else frame.set_index("epoch").add_suffix(f"@{names[0]}"))
+    history = pd.concat(frames, axis=1).reset_index() if per_attribute else frames[0].reset_index()
+    if per_attribute:
+        for name in attributes:
+            history[f"val_r_{name}"] = history[f"val_r_{name}@{name}"]
+        for metric in ("train_loss", "val_loss"):
+            history[metric] = history[[f"{metric}@{a}" for a in attributes]].mean(axis=1)
+        history["val_mean_r"] = history[[f"val_r_{a}" for a in attributes]].mean(axis=1)
+        history = history[["epoch", "train_loss", "val_loss", "val_mean_r", *[f"val_r_{a}" for a in attributes]]]
+    HISTORY_FILE.parent.mkdir(parents=True, exist_ok=True)
+    history.to_csv(HISTORY_FILE, index=False, float_format="%.6f")
+    return history
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    params = load_section("train", TrainParams)
+    registry = load_section("registry", RegistryParams)
+    run_training(params, registry, read_yaml(PARAMS_FILE) if PARAMS_FILE.exists() else {})
+    return 0
+
+
+if __name__ == "__main__":
+    main()
