@@ -330,13 +330,17 @@ def _fill_dilated(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], 
 # Ratings: simulated raters with leniency and noise; split-half reliability.
 # ---------------------------------------------------------------------------------------------
 
-def impressions(faces: list[Face]) -> pd.DataFrame:
-    """The noise-free impression of every attribute (standardised over the sample)."""
-    table = {
-        attribute: [sum(w * face.latent(name) for name, w in weights.items()) for face in faces]
+def impression(face: Face) -> dict[str, float]:
+    """The noise-free impression each attribute's raters form of one face (raw units)."""
+    return {
+        attribute: sum(w * face.latent(name) for name, w in weights.items())
         for attribute, weights in IMPRESSIONS.items()
     }
-    frame = pd.DataFrame(table)
+
+
+def impressions(faces: list[Face]) -> pd.DataFrame:
+    """Impressions of every face, standardised over the sample."""
+    frame = pd.DataFrame([impression(face) for face in faces])
     return (frame - frame.mean()) / frame.std(ddof=0)
 
 
