@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from tqdm import tqdm
 from psyface.config import PARAMS_FILE, load_section, read_yaml
 from psyface.dataset.layout import DATA_DIR, load_dataset
 from psyface.errors import PsyfaceError, entry_point
+from psyface.io import write_atomic
+from psyface.prepare import PREPARED_DIR, load_prepared
 from psyface.model import (
     AttributeEnsemble,
     AttributeNet,
@@ -44,7 +47,6 @@ from psyface.model import (
     to_unit,
 )
 
-PREPARED_DIR = Path("artifacts/prepared")
 TRAIN_DIR = Path("artifacts/train")
 CHECKPOINT_DIR = TRAIN_DIR / "checkpoints"
 HISTORY_FILE = TRAIN_DIR / "history.csv"
@@ -236,19 +238,6 @@ def train_epochs(
 # ---------------------------------------------------------------- stage edges: files, checkpoints
 
 
-def read_prepared(folder: Path = PREPARED_DIR) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any]]:
-    """The `prepare` outputs: images (uint8 N×S×S×3), table (row i ↔ images[i]) and meta."""
-    for name in ("images.npy", "table.csv", "meta.json"):
-        if not (folder / name).is_file():
-            raise PsyfaceError(f"{folder / name} not found: run the prepare stage first (`dvc repro prepare`)")
-    images = np.load(folder / "images.npy")
-    table = pd.read_csv(folder / "table.csv", dtype={"id": str})
-    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    if len(table) != len(images):
-        raise PsyfaceError(f"{folder}: table.csv has {len(table)} rows but images.npy {len(images)} images")
-    return images, table, meta
-
-
 def split_data(images: np.ndarray, table: pd.DataFrame, attributes: list[str]) -> tuple[dict[str, Data], list[float], list[float]]:
     """Per split: images and targets standardised with the train split's mean and std."""
     ratings = table[attributes].to_numpy(np.float64)
@@ -274,10 +263,7 @@ def fingerprint(params: TrainParams, folder: Path = PREPARED_DIR) -> str:
 
 def save_checkpoint(state: TrainState, path: Path) -> None:
     """Atomic `torch.save` of plain state dicts (loadable with weights_only=True)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(dataclasses.asdict(state), partial)
-    partial.replace(path)
+    write_atomic(path, lambda tmp: torch.save(dataclasses.asdict(state), tmp))
 
 
 def load_checkpoint(path: Path, expected_fingerprint: str) -> TrainState | None:
@@ -347,9 +333,10 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
 
     torch.use_deterministic_algorithms(True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images, table, meta = read_prepared()
+    prepared = load_prepared(PREPARED_DIR)
+    images, table = prepared.images, prepared.table
     dataset = load_dataset(DATA_DIR)
-    attributes = list(meta.get("attributes") or dataset.attribute_names)
+    attributes = dataset.attribute_names
     data, mean, std = split_data(images, table, attributes)
     spec = ModelSpec(arch=params.arch, head=params.head, attributes=attributes, image_size=int(images.shape[1]),
                      target_mean=mean, target_std=std, per_attribute=params.per_attribute,
@@ -370,7 +357,10 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
             mlflow.log_params(tracking.flatten(all_params))
             mlflow.set_tags({**tracking.git_tags(), "data_hash": tracking.data_hash(), "dataset": dataset.name,
                              "split_hash": split_hash(table)})
-            mlflow.log_input(mlflow.data.from_pandas(table, source=str(PREPARED_DIR), name=dataset.name), context="training")
+            with warnings.catch_warnings():  # MLflow registers two equivalent local-file source types
+                warnings.simplefilter("ignore", UserWarning)
+                source = mlflow.data.from_pandas(table, source=str(PREPARED_DIR.resolve()), name=dataset.name)
+            mlflow.log_input(source, context="training")
         networks = []
         for task, columns in tasks:
             torch.manual_seed(params.seed)
