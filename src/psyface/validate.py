@@ -36,7 +36,7 @@ ARTIFACTS_DIR = Path("artifacts/validate")
 QUARANTINE_FIELDS = ["id", "file", "rule", "message"]
 IMAGE_STATUS = "image_status"
 IMAGE_REASONS = ("no_id", "unsafe_id", "missing_file", "undecodable", "too_small", "too_many_pixels")
-NUMBER_PATTERN = r"^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$"
+NUMBER_PATTERN = r"^\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*$"
 SHOWN_IN_ERROR = 10
 
 
@@ -445,25 +445,28 @@ def failure_message(outcome: ValidationOutcome, policy: str, reports: Path) -> s
     return "\n".join(lines)
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="psyface validate", description="Stage: check data/ against dataset.yaml (params: validate)."
-    )
-    parser.parse_args(argv)
+def run() -> str:
+    """The stage: validate `data/`, write the reports, raise PsyfaceError unless it passes."""
     params = load_section("validate", ValidateParams)
     spec = load_dataset(DATA_DIR)
     outcome = validate_dataset(spec, params)
     write_reports(outcome, params.on_bad_rows, REPORTS_DIR, ARTIFACTS_DIR)
     if not passes(outcome, params.on_bad_rows):
         raise PsyfaceError(failure_message(outcome, params.on_bad_rows, REPORTS_DIR))
-    orphans = len(outcome.orphan_images)
-    print(
+    return (
         f"validate: {outcome.n_rows} rows, {len(outcome.clean_ids)} clean, "
         f"{len(outcome.failing_rows)} quarantined ({len(outcome.findings)} findings), "
-        f"{orphans} image file(s) with no row; reports in {REPORTS_DIR}",
-        file=sys.stdout,
+        f"{len(outcome.orphan_images)} image file(s) with no row; reports in {REPORTS_DIR}"
     )
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="psyface validate", description="Stage: check data/ against dataset.yaml (params: validate)."
+    )
+    parser.parse_args(argv)
+    print(run())
     return 0
 
 
