@@ -135,7 +135,8 @@ def check_image(spec: DatasetSpec, image_id: str | None, min_side: int) -> tuple
     try:
         decode_image(spec.root / relative, min_side=min_side)
     except ImageProblem as problem:
-        return problem.reason, str(problem)
+        imported = spec.source.get("import_problems", {}).get(image_id)
+        return problem.reason, f"{problem}" + (f" (the import could not convert it: {imported})" if imported else "")
     return "ok", ""
 
 
