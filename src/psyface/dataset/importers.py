@@ -218,9 +218,9 @@ def canonical_table(plan: ImportPlan, ids: list[str]) -> pd.DataFrame:
 
 
 def categories(values: pd.Series) -> list[str]:
-    """Declared categories in a stable order (numbers numerically, then text)."""
+    """Declared categories in a stable order: numbers numerically, then text, "unknown" last."""
     unique = set(values.fillna(UNKNOWN))
-    return sorted(unique, key=lambda v: (not is_number(v), float(v) if is_number(v) else 0.0, v))
+    return sorted(unique, key=lambda v: (v == UNKNOWN, not is_number(v), float(v) if is_number(v) else 0.0, v))
 
 
 # ---------------------------------------------------------------------------------------- writing
