@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny valid dataset in the canonical layout, inside a fresh working folder."""
+"""Shared fixtures: tiny synthetic datasets made by the real generator (no binary files in git)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,13 +12,30 @@ import pytest
 import psyface
 from factories import make_dataset
 from psyface.dataset.layout import DatasetSpec
+from psyface.dataset.synth import SynthConfig, generate
 
-SRC = str(Path(psyface.__file__).resolve().parents[1])
+SRC = Path(psyface.__file__).resolve().parents[1]
 
 
-def subprocess_env() -> dict[str, str]:
-    """Environment for `sys.executable -m psyface.cli ...` that imports this checkout's code."""
-    return {**os.environ, "PYTHONPATH": SRC}
+def make_synthetic(root: Path, **overrides: object) -> Path:
+    """Generate a small synthetic dataset into `root` (default: 24 identities x 2 images, 64 px)."""
+    config = SynthConfig(**{"n_identities": 24, "images_per_identity": 2, "size": 64, **overrides})
+    generate(root, config, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only small synthetic dataset shared by the whole session: do not modify it."""
+    return make_synthetic(tmp_path_factory.mktemp("synthetic") / "data")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `python -m psyface.cli ARGS` in a fresh process, as a user would from a shell."""
+    environment = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "psyface.cli", *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -28,6 +47,6 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def tiny_dataset(workdir: Path) -> DatasetSpec:
-    """data/ with 6 valid rows of 40 px faces; params.yaml with the validate defaults."""
+    """data/ with 6 valid rows of 40 px cartoon faces (tests/factories.py); validate defaults in params.yaml."""
     (workdir / "params.yaml").write_text("validate:\n  on_bad_rows: fail\n  min_image_side: 32\n")
     return make_dataset(workdir / "data", rows=6)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bad_inputs import IMAGE_CASES
-from conftest import subprocess_env
+from conftest import run_cli
 from factories import draw_face
 from psyface.dataset.importers import main as import_main
 from psyface.dataset.importers import safe_id
@@ -253,12 +251,11 @@ def test_us10k_missing_column_lists_columns_found(workdir: Path) -> None:
 
 
 def test_cli_import_success_and_failure(source: Path) -> None:
-    command = [sys.executable, "-m", "psyface.cli", "import", "generic", "--images", "src", "--ratings"]
     tail = ["--id-column", "image", "--filename-template", "{id}.jpg", "--out", "data"]
-    done = subprocess.run([*command, "ratings.csv", *tail], cwd=source, env=subprocess_env(), capture_output=True, text=True)
+    done = run_cli("import", "generic", "--images", "src", "--ratings", "ratings.csv", *tail, cwd=source, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip().endswith("next: dvc add data")
     (source / "bad.csv").write_bytes(b"")
-    done = subprocess.run([*command, "bad.csv", *tail], cwd=source, env=subprocess_env(), capture_output=True, text=True)
+    done = run_cli("import", "generic", "--images", "src", "--ratings", "bad.csv", *tail, cwd=source, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("psyface: error: bad.csv is empty") and "Traceback" not in done.stderr

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from bad_inputs import IMAGE_CASES
-from conftest import subprocess_env
+from conftest import run_cli
 from factories import read_table, write_table
 from psyface.dataset.layout import DatasetSpec
 from psyface.errors import PsyfaceError
@@ -189,16 +187,9 @@ def test_quarantine_with_no_clean_row_fails(tiny_dataset: DatasetSpec) -> None:
         run_stage("quarantine")
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "psyface.cli", *args],
-        cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-
-
 def test_cli_exits_2_with_summary_and_no_traceback(tiny_dataset: DatasetSpec, workdir: Path) -> None:
     edit_cell(tiny_dataset, 1, "happy", "11")
-    done = cli("validate", cwd=workdir)
+    done = run_cli("validate", cwd=workdir, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("psyface: error: validation failed: 1 of 6 rows break 1 rule(s)")
     assert "rating_in_scale:happy: row 2 (line 3 of data/ratings.csv, id 'f001')" in done.stderr
@@ -207,7 +198,7 @@ def test_cli_exits_2_with_summary_and_no_traceback(tiny_dataset: DatasetSpec, wo
 
 
 def test_cli_without_data_says_how_to_get_it(workdir: Path) -> None:
-    done = cli("validate", cwd=workdir)
+    done = run_cli("validate", cwd=workdir, timeout=120)
     assert done.returncode == 2
     assert "data/dataset.yaml not found" in done.stderr and "Traceback" not in done.stderr
 

@@ -13,11 +13,7 @@ Outputs: reports/validation/{summary.json, gx_result.json, quarantine.csv}, arti
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +26,7 @@ from psyface.config import load_section
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.images import ImageProblem, decode_image
+from psyface.io import write_csv_atomic, write_json_atomic
 
 REPORTS_DIR = Path("reports/validation")
 ARTIFACTS_DIR = Path("artifacts/validate")
@@ -390,31 +387,15 @@ def summary_dict(outcome: ValidationOutcome, policy: str) -> dict[str, Any]:
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary name then rename, so a crash never leaves half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def csv_text(header: list[str], rows: list[list[str]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def write_reports(outcome: ValidationOutcome, policy: str, reports: Path, artifacts: Path) -> None:
     """Reports always; the clean list only when the stage succeeds (a stale one is removed)."""
-    write_atomic(reports / "summary.json", json.dumps(summary_dict(outcome, policy), indent=2) + "\n")
-    write_atomic(reports / "gx_result.json", json.dumps(outcome.gx_result, indent=2, default=str) + "\n")
-    rows = [[f.id, f.file, f.rule, f.message] for f in outcome.findings]
-    write_atomic(reports / "quarantine.csv", csv_text(QUARANTINE_FIELDS, rows))
+    write_json_atomic(summary_dict(outcome, policy), reports / "summary.json")
+    write_json_atomic(outcome.gx_result, reports / "gx_result.json")
+    findings = [[f.id, f.file, f.rule, f.message] for f in outcome.findings]
+    write_csv_atomic(pd.DataFrame(findings, columns=QUARANTINE_FIELDS), reports / "quarantine.csv")
     clean = artifacts / "clean.csv"
     if passes(outcome, policy):
-        write_atomic(clean, csv_text(["id"], [[i] for i in outcome.clean_ids]))
+        write_csv_atomic(pd.DataFrame({"id": outcome.clean_ids}, dtype=str), clean)
     else:
         clean.unlink(missing_ok=True)
 

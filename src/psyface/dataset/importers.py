@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from tqdm import tqdm
 from psyface.dataset.layout import DATA_DIR, Attribute, DatasetSpec
 from psyface.errors import PsyfaceError, entry_point
 from psyface.images import ImageProblem, decode_image
+from psyface.io import replace_dir_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 UNKNOWN = "unknown"
@@ -251,36 +250,42 @@ def unused_images(plan: ImportPlan) -> list[str]:
 
 
 def write_dataset(plan: ImportPlan, out: Path, force: bool) -> str:
-    """Write the canonical layout into `out` (built next to it, then moved in) and return the summary."""
+    """Write the canonical layout into `out` (built under a temporary name, then swapped in); return the summary."""
     where = str(plan.source.get("ratings", plan.name))
     require_columns(plan.table, [plan.id_column, *plan.sensitive, *plan.labels], where)
     if not plan.attributes:
         raise PsyfaceError(f"{where}: no numeric column left to use as an attribute; columns: {list(plan.table.columns)}")
     if not plan.images_dir.is_dir():
         raise PsyfaceError(f"images folder {plan.images_dir} not found")
+    if out.is_file():
+        raise PsyfaceError(f"--out {out} is a file; give a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise PsyfaceError(f"{out} exists and is not empty; pass --force to replace it")
     ids = check_ids(plan.table, plan.id_column, plan.images_dir, plan.filename_template, where)
-    building = out.with_name(f".{out.name}.importing")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
-    problems = convert_images(plan, ids, building / "images")
     table = canonical_table(plan, ids)
-    table.to_csv(building / "ratings.csv", index=False)
-    spec = DatasetSpec(
+    problems: dict[str, str] = {}
+
+    def fill(folder: Path) -> None:
+        problems.update(convert_images(plan, ids, folder / "images"))
+        table.to_csv(folder / "ratings.csv", index=False)
+        dataset_spec(plan, problems, out).write(folder)
+
+    replace_dir_atomic(out, fill)
+    spec = dataset_spec(plan, problems, out)
+    return summary(plan, spec, len(table), problems, unused_images(plan), out)
+
+
+def dataset_spec(plan: ImportPlan, problems: dict[str, str], out: Path) -> DatasetSpec:
+    """dataset.yaml's content: declared columns, one scale, reliability unknown, import problems."""
+    return DatasetSpec(
         name=plan.name,
         attributes={name: Attribute(scale=plan.scale) for name in plan.attributes},
         sensitive_features={c: categories(plan.table[c]) for c in plan.sensitive},
         labels={c: categories(plan.table[c]) for c in plan.labels},
         reliability={},
-        source={**plan.source, "import_problems": problems},
+        source={**plan.source, "import_problems": dict(problems)},
         root=out,
     )
-    spec.write(building)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(building, out)
-    return summary(plan, spec, len(table), problems, unused_images(plan), out)
 
 
 def summary(
