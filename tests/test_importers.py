@@ -245,7 +245,7 @@ def test_us10k_missing_column_lists_columns_found(workdir: Path) -> None:
     with pytest.raises(PsyfaceError, match=r"column\(s\) \['Image'\] not found; columns found: \['Filename', 'happy'"):
         run_import("us10k", "us10k", "--filename-column", "Image")
     with pytest.raises(PsyfaceError, match=r"column\(s\) \['Ethnicity'\] not found; columns found: \['Filename', 'Age'"):
-        run_import("us10k", "us10k", "--sensitive", "Gender", "Ethnicity")
+        run_import("us10k", "us10k", "--sensitive", "Gender", "--sensitive", "Ethnicity")
     with pytest.raises(PsyfaceError, match=r"has no sheet 'Means'; sheets found: \['Per Rater', 'Final Values'"):
         run_import("us10k", "us10k", "--attributes-sheet", "Means")
 

@@ -37,6 +37,7 @@ US10K_IMAGES = "Face Images"
 US10K_ATTRIBUTES = "Full Attribute Scores/psychology attributes/psychology-attributes.xlsx"
 US10K_DEMOGRAPHICS = "Full Attribute Scores/demographic & others labels/demographic-others-labels.xlsx"
 # The database documents its race codes inconsistently: this default is a guess to check (--race-codes).
+US10K_COLUMNS = {"sensitive": ["Gender", "Race", "Age"], "labels": ["Emotion"]}
 US10K_RACE_CODES = "0=other,1=white,2=black,3=east_asian,4=south_asian,5=hispanic,6=middle_eastern"
 
 
@@ -408,8 +409,8 @@ def parser() -> argparse.ArgumentParser:
     generic.add_argument("--ratings", required=True, help="ratings table (.csv UTF-8 or .xlsx)")
     generic.add_argument("--id-column", required=True, help="column identifying each image")
     generic.add_argument("--filename-template", default="{id}.jpg", help="image file name from the id")
-    generic.add_argument("--sensitive", nargs="*", default=[], help="columns that are sensitive features")
-    generic.add_argument("--labels", nargs="*", default=[], help="columns that are labels (numeric or not)")
+    generic.add_argument("--sensitive", nargs="+", action="extend", help="columns that are sensitive features")
+    generic.add_argument("--labels", nargs="+", action="extend", help="columns that are labels (numeric or not)")
     generic.add_argument("--sheet", help="sheet of an .xlsx table (default: the first)")
     generic.add_argument("--scale", nargs=2, type=float, metavar=("LO", "HI"), help="rating scale (default: inferred)")
     generic.add_argument("--name", help="dataset name (default: the ratings file name)")
@@ -420,8 +421,8 @@ def parser() -> argparse.ArgumentParser:
     us10k.add_argument("--demographics-file", default=US10K_DEMOGRAPHICS)
     us10k.add_argument("--demographics-sheet", help="default: the first sheet")
     us10k.add_argument("--filename-column", default="Filename", help="column with the image file name")
-    us10k.add_argument("--sensitive", nargs="*", default=["Gender", "Race", "Age"])
-    us10k.add_argument("--labels", nargs="*", default=["Emotion"])
+    us10k.add_argument("--sensitive", nargs="+", action="extend", help="default: Gender Race Age")
+    us10k.add_argument("--labels", nargs="+", action="extend", help="default: Emotion")
     us10k.add_argument("--race-column", default="Race")
     us10k.add_argument("--race-codes", default=US10K_RACE_CODES, help="code=name pairs, comma separated")
     us10k.add_argument("--scale", nargs=2, type=float, default=[1.0, 9.0], metavar=("LO", "HI"))
@@ -435,6 +436,9 @@ def parser() -> argparse.ArgumentParser:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    defaults = US10K_COLUMNS if args.layout == "us10k" else {"sensitive": [], "labels": []}
+    for option, default in defaults.items():
+        setattr(args, option, getattr(args, option) or default)
     if args.scale and not args.scale[0] < args.scale[1]:
         raise PsyfaceError(f"--scale must be LO HI with LO < HI, got {args.scale}")
     plan = generic_plan(args) if args.layout == "generic" else us10k_plan(args)
