@@ -77,7 +77,7 @@ def test_generic_csv_writes_the_canonical_layout(source: Path, capsys: pytest.Ca
         assert (image.format, image.mode, image.size) == ("PNG", "RGB", (40, 40))
     assert "numeric -> attributes ['trust', 'happy'], non-numeric -> labels ['mood']" in printed
     assert printed.rstrip().endswith("next: dvc add data")
-    assert validate_dataset(spec, ValidateParams()).success
+    assert validate_dataset(spec, ValidateParams()).all_clean
 
 
 def test_generic_xlsx_sheet_and_inferred_scale(source: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,7 +141,7 @@ def test_bad_image_corpus_on_import(source: Path, case: str) -> None:
     result = validate_dataset(spec, ValidateParams(min_image_side=32))
     problems = spec.source["import_problems"]
     if outcome == "ok":
-        assert problems == {} and result.success
+        assert problems == {} and result.all_clean
         assert np.asarray(Image.open(spec.image_path("a3"))).shape == (40, 40, 3)
         return
     if outcome == "too_small":  # converted at import; the size rule belongs to validate
@@ -237,7 +237,7 @@ def test_us10k_miniature(workdir: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "1 face(s) have no demographic row" in printed
     assert "image files in us10k/Face Images with no row (not imported): 1" in printed
     assert printed.rstrip().endswith("next: dvc add data")
-    assert validate_dataset(spec, ValidateParams()).success
+    assert validate_dataset(spec, ValidateParams()).all_clean
 
 
 def test_us10k_missing_column_lists_columns_found(workdir: Path) -> None:

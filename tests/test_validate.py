@@ -44,7 +44,7 @@ def test_clean_dataset_passes(tiny_dataset: DatasetSpec) -> None:
     assert pd.read_csv(CLEAN, dtype=str)["id"].tolist() == [f"f{i:03d}" for i in range(6)]
     assert quarantine().empty and list(quarantine().columns) == ["id", "file", "rule", "message"]
     report = summary()
-    assert report["success"] is True
+    assert report["passed"] is True and report["all_rows_clean"] is True
     assert report["rows"] == {"total": 6, "clean": 6, "failing": 0}
     assert set(report["rules"].values()) == {0}
     assert {"id_unique", "rating_in_scale:happy", "category_in_set:gender", "image:missing_file"} <= set(
@@ -141,6 +141,7 @@ def test_quarantine_counts_are_exact(tiny_dataset: DatasetSpec) -> None:
     (tiny_dataset.root / "images/f005.png").unlink()
     printed = run_stage("quarantine")
     report = summary()
+    assert report["passed"] is True and report["all_rows_clean"] is False
     assert report["rows"] == {"total": 6, "clean": 3, "failing": 3}
     assert report["rules"]["rating_in_scale:happy"] == 1
     assert report["rules"]["rating_numeric:happy"] == 1

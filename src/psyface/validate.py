@@ -75,7 +75,7 @@ class ValidationOutcome:
         return [i for row, i in enumerate(self.ids) if row not in self.failing_rows and i is not None]
 
     @property
-    def success(self) -> bool:
+    def all_clean(self) -> bool:
         return not self.table_problems and not self.failing_rows
 
 
@@ -270,6 +270,9 @@ def findings_for(
     """Readable findings for the rows that broke `rule` (a `meta.rule` from the suite)."""
     kind, _, column = rule.partition(":")
     ratings = str(spec.ratings_path)
+    positions: dict[str | None, list[int]] = {}
+    for position, known in enumerate(ids):
+        positions.setdefault(known, []).append(position + 1)
     out = []
     for row in rows:
         image_id = ids[row]
@@ -283,8 +286,7 @@ def findings_for(
         if kind == "id_not_null":
             message = f"{where}: id column {spec.id_column!r} is empty"
         elif kind == "id_unique":
-            twins = [r + 1 for r, i in enumerate(ids) if i == image_id]
-            message = f"{where}: id {image_id!r} is not unique (rows {twins})"
+            message = f"{where}: id {image_id!r} is not unique (rows {positions[image_id]})"
         elif kind == "rating_present":
             message = f"{where}: rating {column!r} is empty"
         elif kind == "rating_numeric":
@@ -372,7 +374,8 @@ def summary_dict(outcome: ValidationOutcome, policy: str) -> dict[str, Any]:
     return {
         "dataset": outcome.dataset,
         "policy": policy,
-        "success": outcome.success,
+        "passed": passes(outcome, policy),
+        "all_rows_clean": outcome.all_clean,
         "min_image_side": outcome.min_image_side,
         "rows": {
             "total": outcome.n_rows,
