@@ -255,7 +255,8 @@ def write_dataset(plan: ImportPlan, out: Path, force: bool) -> str:
     where = str(plan.source.get("ratings", plan.name))
     require_columns(plan.table, [plan.id_column, *plan.sensitive, *plan.labels], where)
     if not plan.attributes:
-        raise PsyfaceError(f"{where}: no numeric column left to use as an attribute; columns: {list(plan.table.columns)}")
+        columns = list(plan.table.columns)
+        raise PsyfaceError(f"{where}: no numeric column left to use as an attribute; columns found: {columns}")
     if not plan.images_dir.is_dir():
         raise PsyfaceError(f"images folder {plan.images_dir} not found")
     if out.is_file():
