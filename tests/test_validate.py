@@ -55,6 +55,15 @@ def test_clean_dataset_passes(tiny_dataset: DatasetSpec) -> None:
     assert {"expect_column_values_to_be_unique", "expect_column_values_to_be_between"} <= types
 
 
+def test_reports_are_byte_identical_across_runs(tiny_dataset: DatasetSpec) -> None:
+    edit_cell(tiny_dataset, 1, "happy", "8")
+    files = [REPORTS / name for name in ("summary.json", "gx_result.json", "quarantine.csv")]
+    run_stage("quarantine")
+    first = [path.read_bytes() for path in files]
+    run_stage("quarantine")
+    assert [path.read_bytes() for path in files] == first
+
+
 ROW_RULES: dict[str, tuple[int, str, object, str, str]] = {
     # case: (row, column, new value, rule, words the message must contain)
     "empty id": (2, "id", None, "id_not_null", "is empty"),

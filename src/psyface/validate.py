@@ -35,6 +35,7 @@ IMAGE_STATUS = "image_status"
 IMAGE_REASONS = ("no_id", "unsafe_id", "missing_file", "undecodable", "too_small", "too_many_pixels")
 NUMBER_PATTERN = r"^\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*$"
 SHOWN_IN_ERROR = 10
+VOLATILE_GX_KEYS = {"ge_load_time", "validation_id", "checkpoint_id", "run_time", "validation_time"}
 
 
 @dataclass(frozen=True)
@@ -364,12 +365,26 @@ def validate_dataset(spec: DatasetSpec, params: ValidateParams) -> ValidationOut
         table_problems=problems,
         rule_counts=counts,
         orphan_images=orphan_images(spec, ids),
-        gx_result=gx_result.to_json_dict(),
+        gx_result=reproducible(gx_result.to_json_dict()),
         min_image_side=params.min_image_side,
     )
 
 
 # ----------------------------------------------------------------------------------------- writing
+def reproducible(gx_result: dict[str, Any]) -> dict[str, Any]:
+    """The GX result without run times and random ids: the same data gives a byte-identical file."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in VOLATILE_GX_KEYS}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+
+    stable = strip(gx_result)
+    for result in stable.get("results", []):
+        result["expectation_config"].pop("id", None)
+    return stable
+
+
 def summary_dict(outcome: ValidationOutcome, policy: str) -> dict[str, Any]:
     return {
         "dataset": outcome.dataset,
