@@ -378,7 +378,7 @@ def us10k_plan(args: argparse.Namespace) -> ImportPlan:
         notes.append(f"{args.race_column} codes mapped with --race-codes {args.race_codes!r}")
         if unmapped:
             notes.append(f"{args.race_column} codes with no name kept as they are: {unmapped}")
-    missing = int(table[args.sensitive[0]].isna().sum()) if args.sensitive else 0
+    missing = int((~table[args.filename_column].isin(demographics[args.filename_column])).sum())
     if missing:
         notes.append(f"{missing} face(s) have no demographic row: their categories are {UNKNOWN!r}")
     return ImportPlan(
