@@ -218,3 +218,10 @@ def test_unknown_params_key_is_rejected(tiny_dataset: DatasetSpec) -> None:
     with pytest.raises(PsyfaceError, match="unknown key"):
         run()
 
+
+
+def test_generated_synthetic_dataset_passes(synthetic_data: Path, workdir: Path) -> None:
+    (workdir / "data").symlink_to(synthetic_data)
+    Path("params.yaml").write_text("validate:\n  on_bad_rows: fail\n")
+    assert run().startswith("validate: 48 rows, 48 clean, 0 quarantined (0 findings), 0 image file(s) with no row")
+    assert summary()["rules"]["rating_in_scale:trustworthy"] == 0
