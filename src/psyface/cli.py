@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("psyface.dataset.synth", "generate the deterministic synthetic face dataset"),
     "split": ("psyface.split", "stage: assign ids to train/val/test"),
     "prepare": ("psyface.prepare", "stage: decode and resize every image once into an array"),
+    "validate": ("psyface.validate", "stage: check data/ against dataset.yaml (reports, quarantine)"),
+    "import": ("psyface.dataset.importers", "convert a rated face collection (generic table, us10k) into data/"),
     "train": ("psyface.train", "stage: train the network, track it in MLflow, register a candidate"),
     "evaluate": ("psyface.evaluate", "stage: test metrics vs the reliability ceiling; promote to champion if better"),
     "predict": ("psyface.predict", "rate face images with a registered model (models:/NAME@ALIAS)"),

@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from psyface.errors import PsyfaceError
+from psyface.io import write_json_atomic
 from psyface.model import SPEC_FILE, WEIGHTS_FILE, AttributeEnsemble, AttributeNet, ModelSpec, load_trained, save_trained
 
 # SQLite backend inside mlruns/ (the file store is deprecated); artifacts land under ./mlruns too.
@@ -70,10 +71,7 @@ def use_tracking(uri: str | None = None) -> str:
 
 
 def write_run_file(run: TrainedRun, path: Path = RUN_FILE) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(dataclasses.asdict(run), indent=2) + "\n", encoding="utf-8")
-    partial.replace(path)
+    write_json_atomic(dataclasses.asdict(run), path)
 
 
 def read_run_file(path: Path = RUN_FILE) -> TrainedRun:
