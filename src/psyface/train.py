@@ -71,7 +71,7 @@ class TrainParams:
     init: str = "scratch"  # scratch | imagenet | PATH.pth/.safetensors | models:/NAME@ALIAS
     per_attribute: bool = False
     epochs: int = 12
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 5e-4
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
