@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from scipy import stats
 
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
@@ -93,16 +94,12 @@ def score_model(net: AttributeNet | AttributeEnsemble, spec: ModelSpec, prepared
     return split_metrics(predicted, rated, spec.attributes, dataset.reliability), long
 
 
-def scatter_figure(long: pd.DataFrame, metrics: dict[str, dict[str, float]]):  # -> matplotlib Figure
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def scatter_figure(long: pd.DataFrame, metrics: dict[str, dict[str, float]]) -> Figure:
     attributes = list(dict.fromkeys(long["attribute"]))
     columns = min(4, len(attributes))
     rows = math.ceil(len(attributes) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
+    figure = Figure(figsize=(3.2 * columns, 3.2 * rows))  # no pyplot: no global figure state
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis, name in zip(axes.flat, attributes, strict=False):
         part = long[long["attribute"] == name]
         axis.scatter(part["rated"], part["predicted"], s=6, alpha=0.5)
@@ -156,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     tags = MlflowClient().get_run(run.run_id).data.tags
     here = Score(metrics["mean"]["pearson_r"], tags.get("data_hash", "untracked"), tags.get("split_hash", ""))
     trained = MlflowClient().get_run(run.run_id).info.status == "FINISHED"
-    champion = champion_score(run.model_name, prepared, dataset, here)
-    promote, reason = decide(here if trained else None, champion)
+    current = tracking.alias_version(run.model_name, tracking.CHAMPION)
+    if current is not None and str(current.version) == run.model_version:
+        promote, reason = True, "already the champion (re-evaluated)"
+    else:
+        promote, reason = decide(here if trained else None, champion_score(run.model_name, prepared, dataset, here))
     with tracking.open_run(run.run_id, run.tracking_uri):
         mlflow.log_metrics({f"test_{a}_{m}": v for a, values in metrics.items() for m, v in values.items()
                             if math.isfinite(v)})

@@ -9,12 +9,14 @@ trains one network per attribute (the peer's protocol) as nested runs.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import hashlib
 import io
 import json
 import math
+import signal
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -26,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from psyface.config import PARAMS_FILE, load_section, read_yaml
@@ -297,13 +300,9 @@ def initialise(net: AttributeNet, params: TrainParams) -> dict[str, str]:
     return {"init": params.init, "init.loaded_tensors": str(loaded), "init.skipped_tensors": str(skipped)}
 
 
-def learning_curves_figure(history: pd.DataFrame, attributes: list[str]):  # -> matplotlib Figure
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+def learning_curves_figure(history: pd.DataFrame, attributes: list[str]) -> Figure:
+    figure = Figure(figsize=(11, 4))  # no pyplot: no global figure state to clean up
+    left, right = figure.subplots(1, 2)
     left.plot(history["epoch"], history["train_loss"], label="train")
     left.plot(history["epoch"], history["val_loss"], label="val")
     left.set(xlabel="epoch", ylabel="MSE (standardised)", title="loss")
@@ -331,8 +330,8 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
 
     from psyface import tracking
 
-    torch.use_deterministic_algorithms(True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.use_deterministic_algorithms(device.type == "cpu")  # bit-identical reruns and resumes on CPU
     prepared = load_prepared(PREPARED_DIR)
     images, table = prepared.images, prepared.table
     dataset = load_dataset(DATA_DIR)
@@ -456,8 +455,14 @@ def _write_history(networks: list, attributes: list[str], per_attribute: bool) -
     return history
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so a killed stage ends its MLflow run FAILED instead of leaving it RUNNING
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="psyface train", description=__doc__.split("\n\n")[0]).parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     params = load_section("train", TrainParams)
     registry = load_section("registry", RegistryParams)
     run_training(params, registry, read_yaml(PARAMS_FILE) if PARAMS_FILE.exists() else {})
