@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import signal
 import socket
@@ -18,9 +17,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from psyface.evaluate import Score, attribute_metrics, decide
 from psyface.images import load_image
 from psyface.model import predict_ratings
+from psyface.tracking import load_model, use_tracking
 from tests.conftest import SRC, run_cli
 from tests.workspace import make_workspace, tracking_env
 
@@ -41,8 +40,13 @@ def project(tmp_path_factory, synthetic_data):
     env = tracking_env(root)
     stage("psyface.train", root, env)
     stage("psyface.evaluate", root, env)
-    os.environ.update(env)  # this module's in-process MLflow calls read the same store
     return root, env
+
+
+@pytest.fixture(autouse=True)
+def same_store(project):
+    """In-process MLflow calls read this module's store (other tests point MLflow elsewhere)."""
+    use_tracking(project[1]["MLFLOW_TRACKING_URI"])
 
 
 def test_training_run_records_lineage_curves_and_model(project):
@@ -84,9 +88,7 @@ def test_predict_from_a_fresh_process_by_alias(project, tmp_path):
     table = pd.read_csv(tmp_path / "p.csv")
     files = sorted(faces.glob("*.png"))
     assert len(table) == len(files) and list(table.columns)[0] == "file"
-    from psyface.tracking import load_model
-
-    net, spec = load_model(f"models:/{MODEL}@champion")
+    net, spec = load_model(f"models:/{MODEL}@champion", env["MLFLOW_TRACKING_URI"])
     expected = predict_ratings(net, spec, np.stack([load_image(f, spec.image_size) for f in files[:3]]))
     assert np.allclose(table[spec.attributes].to_numpy()[:3], expected, atol=1e-3)
 
@@ -127,9 +129,7 @@ def test_served_model_answers_image_bytes_on_loopback(project):
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
-    from psyface.tracking import load_model
-
-    net, spec = load_model(f"models:/{MODEL}@champion")
+    net, spec = load_model(f"models:/{MODEL}@champion", env["MLFLOW_TRACKING_URI"])
     expected = predict_ratings(net, spec, load_image(face, spec.image_size)[None])[0]
     assert len(answer) == 1 and np.allclose([answer[0][a] for a in spec.attributes], expected, atol=1e-4)
 
@@ -156,24 +156,3 @@ def test_a_worse_or_failed_run_never_moves_champion_and_a_better_one_does(projec
     client.set_terminated(second["run_id"], "FINISHED")
     stage("psyface.evaluate", root, env)
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == second["model_version"]
-
-
-def test_promotion_rule():
-    here = Score(0.8, "d1", "s1")
-    assert decide(here, None) == (True, "first champion (test mean r 0.8000)")
-    assert decide(here, Score(0.7, "d1", "s1"))[0]
-    assert not decide(here, Score(0.8, "d1", "s1"))[0]  # a tie is not better
-    assert not decide(here, Score(0.9, "d1", "s1"))[0]
-    assert not decide(Score(math.nan, "d1", "s1"), None)[0]
-    assert not decide(None, Score(0.1, "d1", "s1"))[0]
-    assert "not comparable" in decide(here, Score(0.1, "d2", "s1"))[1]
-
-
-def test_attribute_metrics_against_known_values():
-    rated = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-    metrics = attribute_metrics(rated * 2, rated, reliability=0.81)
-    assert metrics["pearson_r"] == pytest.approx(1) and metrics["spearman_rho"] == pytest.approx(1)
-    assert metrics["mae"] == pytest.approx(3.0) and metrics["ceiling"] == pytest.approx(0.9)
-    assert metrics["r_over_ceiling"] == pytest.approx(1 / 0.9)
-    assert metrics["r2"] == pytest.approx(1 - 55 / 10)
-    assert math.isnan(attribute_metrics(np.ones(5), rated, None)["pearson_r"])
