@@ -38,6 +38,19 @@ def test_normalised_shape_is_invariant_to_shift_scale_and_roll(shapes: np.ndarra
     np.testing.assert_allclose(np.sqrt((original**2).sum(axis=2).mean(axis=1)), 1.0)
 
 
+def test_pose_from_anchors_leaves_an_expression_displacement_where_it_is(shapes: np.ndarray) -> None:
+    """Aligned on anchors 0-5, moving landmark 9 moves only landmark 9, in any pose."""
+    anchors, reference = np.arange(6), shapes[0]
+    smiling = shapes[1].copy()
+    smiling[9] += (3.0, -4.0)
+    posed = similarity(smiling, 20, 0.7, (5.0, 9.0))
+    neutral_out, smiling_out = normalise_shapes(np.stack([shapes[1], posed]), reference, anchors)
+    moved = np.abs(smiling_out - neutral_out).max(axis=1) > 1e-9
+    assert moved.tolist() == [k == 9 for k in range(12)]
+    everything = normalise_shapes(np.stack([shapes[1], posed]), reference)  # all points as anchors
+    assert (np.abs(everything[1] - everything[0]).max(axis=1) > 1e-3).sum() == 12
+
+
 def test_normalisation_keeps_shape_differences(shapes: np.ndarray) -> None:
     """A mirrored face is a different shape: rotation may not undo a reflection."""
     mirrored = shapes[1] * np.array([-1.0, 1.0])

@@ -1,7 +1,8 @@
 """Stage `landmarks`: facial landmark coordinates, normalised for position, scale and roll.
 
 Every shape is centred, scaled to unit RMS size and rotated (never reflected) onto a reference
-shape, the generalised-Procrustes mean of the training faces. What remains is expression (and
+shape, the generalised-Procrustes mean of the training faces; the pose is estimated on the landmarks
+of `align_regions` (e.g. eyes and nose, which expressions barely move) or on all of them. What remains is expression (and
 identity) shape, not where the face sat in the image. The same `normalise_shapes` is used by the
 expression classifiers' served model, so a served face is normalised exactly as in training.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ class LandmarksParams:
     """params.yaml `landmarks:`; `label` names the dataset.yaml `labels` entry to carry along."""
 
     label: str = "expression"
+    align_regions: list[str] = field(default_factory=list)  # pose estimated on these; empty: all points
     procrustes_iterations: int = 10
     max_problem_fraction: float = 0.05
 
@@ -51,38 +53,46 @@ def _as_points(shapes: np.ndarray) -> np.ndarray:
     return np.stack([shapes.real, shapes.imag], axis=-1)
 
 
-def _centre_and_scale(shapes: np.ndarray) -> np.ndarray:
-    """Complex shapes (n, P) -> centred at 0 with unit root-mean-square distance to the centre."""
-    centred = shapes - shapes.mean(axis=-1, keepdims=True)
-    size = np.sqrt((np.abs(centred) ** 2).mean(axis=-1, keepdims=True))
+def _centre_and_scale(shapes: np.ndarray, anchors: np.ndarray | slice) -> np.ndarray:
+    """Complex shapes (n, P) -> moved and scaled so the `anchors` have centroid 0 and unit RMS size."""
+    centred = shapes - shapes[..., anchors].mean(axis=-1, keepdims=True)
+    size = np.sqrt((np.abs(centred[..., anchors]) ** 2).mean(axis=-1, keepdims=True))
     with np.errstate(divide="ignore", invalid="ignore"):
         return centred / size
 
 
-def normalise_shapes(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def normalise_shapes(points: np.ndarray, reference: np.ndarray, anchors: np.ndarray | None = None) -> np.ndarray:
     """Remove position, scale and roll: (n, P, 2) -> (n, P, 2) aligned onto `reference` (P, 2).
 
-    The rotation minimising the squared distance to the reference is exp(i*arg(sum conj(z)*r)), the
-    closed-form ordinary Procrustes solution; degenerate shapes come back as NaN.
+    The similarity transform is estimated on the `anchors` (landmark indices; default all) and
+    applied to every point, so landmarks that move with expression can be left out of the pose
+    estimate and then keep their own displacement instead of spreading it over the whole face. The
+    rotation minimising the squared anchor distance to the reference is exp(i*arg(sum conj(z)*r)),
+    the closed-form ordinary Procrustes solution; degenerate shapes come back as NaN.
     """
-    shapes = _centre_and_scale(_as_complex(np.asarray(points, dtype=np.float64)))
-    target = _centre_and_scale(_as_complex(np.asarray(reference, dtype=np.float64)))
-    overlap = np.sum(np.conj(shapes) * target, axis=-1, keepdims=True)
+    index = slice(None) if anchors is None else np.asarray(anchors)
+    shapes = _centre_and_scale(_as_complex(np.asarray(points, dtype=np.float64)), index)
+    target = _centre_and_scale(_as_complex(np.asarray(reference, dtype=np.float64)), index)
+    overlap = np.sum(np.conj(shapes[..., index]) * target[..., index], axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         rotation = overlap / np.abs(overlap)
     return _as_points(shapes * rotation)
 
 
-def procrustes_mean(points: np.ndarray, iterations: int = 10, tolerance: float = 1e-10) -> np.ndarray:
-    """Generalised Procrustes mean shape (P, 2) of (n, P, 2) shapes.
+def procrustes_mean(
+    points: np.ndarray, anchors: np.ndarray | None = None, iterations: int = 10, tolerance: float = 1e-10
+) -> np.ndarray:
+    """Generalised Procrustes mean shape (P, 2) of (n, P, 2) shapes, aligned on `anchors`.
 
     Starts from the mean of the centred, scaled (unrotated) shapes, so the reference keeps the
     images' upright orientation, and re-aligns every new mean onto it to stop the mean drifting.
     """
-    start = _centre_and_scale(_as_complex(np.asarray(points, dtype=np.float64)).mean(axis=0))
+    index = slice(None) if anchors is None else np.asarray(anchors)
+    start = _centre_and_scale(_as_complex(np.asarray(points, dtype=np.float64)), index).mean(axis=0)
     reference = _as_points(start)
     for _ in range(iterations):
-        mean = normalise_shapes(normalise_shapes(points, reference).mean(axis=0)[None], reference)[0]
+        mean = normalise_shapes(points, reference, anchors).mean(axis=0)
+        mean = normalise_shapes(mean[None], reference, anchors)[0]
         done = np.sum((mean - reference) ** 2) < tolerance
         reference = mean
         if done:
@@ -157,6 +167,7 @@ class NormalisedLandmarks:
     label_names: np.ndarray  # (k,) str, dataset.yaml order
     points: np.ndarray  # (n, P, 2) float32, normalised
     reference: np.ndarray  # (P, 2) float64
+    anchors: np.ndarray  # (A,) int: landmarks the pose was estimated on
 
     def save(self, path: Path) -> None:
         def write(tmp: Path) -> None:
@@ -171,6 +182,23 @@ class NormalisedLandmarks:
             raise PsyfaceError(f"{path} not found: run the landmarks stage first (`dvc repro landmarks`)")
         with np.load(path, allow_pickle=False) as data:
             return cls(**{name: data[name] for name in data.files})
+
+
+def anchor_points(spec: DatasetSpec, regions: list[str], n_points: int) -> np.ndarray:
+    """Landmark indices of the named dataset.yaml landmark regions (all points when none named)."""
+    assert spec.landmarks is not None
+    unknown = [r for r in regions if r not in spec.landmarks.regions]
+    if unknown:
+        raise PsyfaceError(
+            f"params.yaml:landmarks.align_regions {unknown} not in dataset.yaml landmarks.regions "
+            f"{sorted(spec.landmarks.regions)}"
+        )
+    if not regions:
+        return np.arange(n_points)
+    anchors = sorted({i for r in regions for i in spec.landmarks.regions[r]})
+    if len(anchors) < 2 or max(anchors) >= n_points:
+        raise PsyfaceError(f"landmarks.align_regions {regions} must name >= 2 of the {n_points} points")
+    return np.array(anchors)
 
 
 def build(
@@ -210,18 +238,20 @@ def build(
     train = splits == "train"
     if not train.any():
         raise PsyfaceError("no usable training face with landmarks: check artifacts/split.csv")
-    degenerate = ~np.isfinite(_centre_and_scale(_as_complex(raw))).all(axis=1)
-    problems += [(image_id, "degenerate shape (all points coincide)") for image_id in ids[degenerate]]
+    anchors = anchor_points(spec, params.align_regions, n_points)
+    degenerate = ~np.isfinite(_centre_and_scale(_as_complex(raw), anchors)).all(axis=1)
+    problems += [(image_id, "degenerate shape (its alignment landmarks coincide)") for image_id in ids[degenerate]]
     ids, raw, splits = ids[~degenerate], raw[~degenerate], splits[~degenerate]
-    reference = procrustes_mean(raw[splits == "train"], params.procrustes_iterations)
+    reference = procrustes_mean(raw[splits == "train"], anchors, params.procrustes_iterations)
     labels = ratings.set_index(rated)[params.label].loc[ids].to_numpy(dtype=str)
     result = NormalisedLandmarks(
         ids=ids,
         split=splits,
         labels=labels,
         label_names=np.array(label_names, dtype=str),
-        points=normalise_shapes(raw, reference).astype(np.float32),
+        points=normalise_shapes(raw, reference, anchors).astype(np.float32),
         reference=reference,
+        anchors=anchors,
     )
     return result, pd.DataFrame(problems, columns=["id", "problem"])
 
