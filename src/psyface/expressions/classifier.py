@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, log_loss
 from torch import nn
 
 
@@ -70,11 +70,12 @@ def predict_proba(model: nn.Module, features: np.ndarray) -> np.ndarray:
 
 
 def binary_scores(targets: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
-    """Accuracy and F1 at the 0.5 threshold."""
+    """Accuracy and F1 at the 0.5 threshold, and the log loss (smoother, for choosing models)."""
     predicted = probabilities >= 0.5
     return {
         "accuracy": float(accuracy_score(targets, predicted)),
         "f1": float(f1_score(targets, predicted, zero_division=0.0)),
+        "log_loss": float(log_loss(targets, probabilities, labels=[False, True])),
     }
 
 

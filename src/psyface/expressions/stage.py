@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from importlib.metadata import version
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,7 +57,7 @@ class ExpressionsParams:
     ig_split: Literal["val", "test"] = "test"
     drop_per_step: int = 2
     min_landmarks: int = 4
-    tolerance: float = 0.01
+    tolerance: float = 0.1  # reduced set: fewest landmarks with val log loss <= (1 + tolerance) x full
     regions: dict[str, list[str]] = field(default_factory=dict)
     experiment: str = "psyface-landmarks"
     registered_model: str = "psyface-landmark-expressions"
@@ -238,6 +239,12 @@ def write_reports(
     curves_png, kept_png = REPORT_DIR / "accuracy_vs_landmarks.png", REPORT_DIR / "kept_landmarks.png"
     write_atomic(curves_png, lambda tmp: plot_curves(results, tmp))
     write_atomic(kept_png, lambda tmp: plot_kept_landmarks(results, data, landmark_regions, tmp))
+    names = region_of(landmark_regions, data.points.shape[1])
+    kept = {
+        r.expression: [{"landmark": int(k), "region": names[k], "relevance": float(v)}
+                       for k, v in zip(r.reduced.kept, r.reduced.fitted.relevance, strict=True)]
+        for r in results
+    }
     timing = [
         {"expression": r.expression, "landmarks_full": r.full.n_landmarks, "landmarks_reduced": r.reduced.n_landmarks,
          "us_per_face_full": r.full.fitted.scores["us_per_face"],
@@ -253,6 +260,7 @@ def write_reports(
                                                "normalised face of each expression"},
         ],
         "timing": timing,
+        "kept_landmarks": kept,
         "metrics": "metrics.json",
     }
     write_json_atomic(summary, REPORT_DIR / "summary.json")
@@ -290,7 +298,9 @@ def track(
                 mlflow.log_dict({"kept": result.reduced.kept.tolist()}, "kept_landmarks.json")
         mlflow.log_artifacts(str(REPORT_DIR), artifact_path="reports")
         # Any shape is a valid input (normalisation is idempotent), so normalised faces serve as example.
-        example = pd.DataFrame(flatten(data.points[:3]), columns=coordinate_columns(data.points.shape[1]))
+        example = pd.DataFrame(flatten(data.points[:3].astype(np.float64)), columns=coordinate_columns(data.points.shape[1]))
+        # Declared, not inferred: inference re-imports the model in a subprocess (slow) to guess them.
+        requirements = [f"{name}=={version(name)}" for name in ("mlflow", "torch", "numpy", "pandas", "scikit-learn")]
         client = MlflowClient()
         versions = {}
         for variant in ("full", "reduced"):
@@ -299,11 +309,11 @@ def track(
                 python_model=served_model(results, data, variant),
                 input_example=example,
                 code_paths=[str(Path(psyface.__file__).parent)],
+                pip_requirements=requirements,
                 registered_model_name=params.registered_model,
             )
-            version = str(info.registered_model_version)
-            client.set_registered_model_alias(params.registered_model, variant, version)
-            versions[variant] = version
+            versions[variant] = str(info.registered_model_version)
+            client.set_registered_model_alias(params.registered_model, variant, versions[variant])
     return {"run_id": parent.info.run_id, "registered_model": params.registered_model, "versions": versions}
 
 
@@ -336,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             return fitted
 
         steps = reduce_landmarks(n_points, fit_with_progress, params.drop_per_step, params.min_landmarks)
-        results.append(ExpressionResult(expression, steps, choose_step(steps, "val_accuracy", params.tolerance)))
+        results.append(ExpressionResult(expression, steps, choose_step(steps, "val_log_loss", params.tolerance)))
     bar.close()
     values = write_reports(results, data, params, landmark_regions)
     if not args.no_tracking:
