@@ -31,25 +31,22 @@ def plot_curves(results: list[ExpressionResult], path: Path) -> None:
     time_axis.set(xlabel="landmarks", ylabel="µs per face (batched)", title="Inference time")
     accuracy_axis.invert_xaxis()
     time_axis.invert_xaxis()
-    accuracy_axis.legend()
+    accuracy_axis.legend(loc="lower left", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=110)
     plt.close(figure)
 
 
 def plot_kept_landmarks(
-    results: list[ExpressionResult], data: NormalisedLandmarks, landmark_regions: dict[str, list[int]],
-    path: Path,
+    results: list[ExpressionResult], data: NormalisedLandmarks, path: Path
 ) -> None:
-    """Per expression: its mean normalised training face (grey, by region), kept landmarks in red,
+    """Per expression: its mean normalised training face (grey points), kept landmarks in red,
     marker area proportional to the reduced model's IG relevance."""
     figure, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.6), squeeze=False)
     for axis, result in zip(axes[0], results, strict=True):
         faces = data.points[(data.split == "train") & (data.labels == result.expression)]
         mean_face = faces.mean(axis=0) if len(faces) else data.reference
-        for indices in landmark_regions.values():
-            axis.plot(*mean_face[indices].T, color="0.75", lw=1)
-        axis.scatter(*mean_face.T, s=8, color="0.5")
+        axis.scatter(*mean_face.T, s=10, color="0.55")
         relevance = result.reduced.fitted.relevance
         sizes = 30 + 170 * relevance / max(float(relevance.max()), 1e-12)
         axis.scatter(*mean_face[result.reduced.kept].T, s=sizes, color="tab:red", alpha=0.8)

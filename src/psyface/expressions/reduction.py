@@ -58,11 +58,12 @@ def count_steps(n_points: int, drop_per_step: int, min_landmarks: int) -> int:
 
 
 def choose_step(steps: list[ReductionStep], loss: str, tolerance: float) -> int:
-    """Index of the fewest-landmark step whose `loss` is at most (1 + tolerance) x the full model's.
+    """Index of the fewest-landmark step whose `loss` exceeds the full model's by at most `tolerance`.
 
     A loss (validation log loss), not accuracy: on a few hundred faces accuracy moves in steps of
-    several tenths of a point and hides a degrading model until it flips predictions.
+    several tenths of a point and hides a degrading model until it flips predictions. Absolute, not
+    relative: an easy expression's tiny loss would make a relative band narrower than the noise.
     """
-    ceiling = steps[0].fitted.scores[loss] * (1 + tolerance)
+    ceiling = steps[0].fitted.scores[loss] + tolerance
     eligible = [i for i, step in enumerate(steps) if step.fitted.scores[loss] <= ceiling]
     return min(eligible, key=lambda i: (steps[i].n_landmarks, i))

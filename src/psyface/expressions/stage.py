@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from importlib.metadata import version
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +23,6 @@ import torch
 from tqdm import tqdm
 
 import psyface
-
 from psyface.config import load_section
 from psyface.dataset.layout import DATA_DIR, load_dataset
 from psyface.errors import PsyfaceError, entry_point
@@ -34,11 +33,12 @@ from psyface.expressions.classifier import (
     seconds_per_face,
     train_classifier,
 )
+from psyface.expressions.figures import plot_curves, plot_kept_landmarks
 from psyface.expressions.reduction import Fitted, ReductionStep, choose_step, count_steps, reduce_landmarks
 from psyface.expressions.relevance import Baseline, baselines_for, landmark_relevance
 from psyface.expressions.served import ExpressionClassifier, LandmarkExpressionModel, feature_columns
-from psyface.landmarks import OUT_FILE as NORMALISED_FILE
 from psyface.io import replace_dir_atomic, write_atomic, write_csv_atomic, write_json_atomic
+from psyface.landmarks import OUT_FILE as NORMALISED_FILE
 from psyface.landmarks import NormalisedLandmarks, coordinate_columns, flatten
 from psyface.split import SPLITS
 
@@ -55,9 +55,9 @@ class ExpressionsParams:
     baseline: Baseline = "other_class"
     ig_steps: int = 32
     ig_split: Literal["val", "test"] = "test"
-    drop_per_step: int = 2
+    drop_per_step: int = 1
     min_landmarks: int = 4
-    tolerance: float = 0.1  # reduced set: fewest landmarks with val log loss <= (1 + tolerance) x full
+    tolerance: float = 0.01  # reduced set: fewest landmarks with val log loss <= full + tolerance (nats)
     regions: dict[str, list[str]] = field(default_factory=dict)
     experiment: str = "psyface-landmarks"
     registered_model: str = "psyface-landmark-expressions"
@@ -104,6 +104,9 @@ def fitter(
     data: SplitData, positive: str, classes: list[str], params: ExpressionsParams
 ) -> Callable[[np.ndarray], Fitted]:
     """`fit(kept)` for the reduction loop: train on the kept landmarks, score, rank by IG."""
+    for split in ("train", params.ig_split):
+        if not (data.labels[split] == positive).any():
+            raise PsyfaceError(f"no {positive!r} face in the {split} split: cannot train or explain it")
 
     def fit(kept: np.ndarray) -> Fitted:
         columns = feature_columns(kept)
@@ -226,20 +229,19 @@ def write_reports(
     landmark_regions: dict[str, list[int]],
 ) -> dict:
     """Everything under reports/landmarks/; returns the metrics written."""
-    from psyface.expressions.figures import plot_curves, plot_kept_landmarks
 
     def write_curves(folder: Path) -> None:
         for result in results:
             curve_table(result).to_csv(folder / f"{result.expression}.csv", index=False)
 
+    names = region_of(landmark_regions, data.points.shape[1])
     replace_dir_atomic(REPORT_DIR / "curves", write_curves)
-    write_csv_atomic(ranking_table(results, region_of(landmark_regions, data.points.shape[1])), REPORT_DIR / "ranking.csv")
+    write_csv_atomic(ranking_table(results, names), REPORT_DIR / "ranking.csv")
     values = metrics(results, params, landmark_regions)
     write_json_atomic(values, REPORT_DIR / "metrics.json")
     curves_png, kept_png = REPORT_DIR / "accuracy_vs_landmarks.png", REPORT_DIR / "kept_landmarks.png"
     write_atomic(curves_png, lambda tmp: plot_curves(results, tmp))
-    write_atomic(kept_png, lambda tmp: plot_kept_landmarks(results, data, landmark_regions, tmp))
-    names = region_of(landmark_regions, data.points.shape[1])
+    write_atomic(kept_png, lambda tmp: plot_kept_landmarks(results, data, tmp))
     kept = {
         r.expression: [{"landmark": int(k), "region": names[k], "relevance": float(v)}
                        for k, v in zip(r.reduced.kept, r.reduced.fitted.relevance, strict=True)]
