@@ -24,7 +24,7 @@ import pandas as pd
 from psyface.config import load_section
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
-from psyface.io import write_atomic, write_csv_atomic
+from psyface.io import read_csv_checked, write_atomic, write_csv_atomic
 from psyface.split import SPLIT_FILE
 
 OUT_FILE = Path("artifacts/landmarks/normalised.npz")
@@ -263,7 +263,7 @@ def build(
 def read_split(path: Path = SPLIT_FILE) -> pd.DataFrame:
     if not path.is_file():
         raise PsyfaceError(f"{path} not found: run the split stage first (`dvc repro split`)")
-    split = pd.read_csv(path, dtype={"id": str})
+    split = read_csv_checked(path, dtype={"id": str})
     if not {"id", "split"} <= set(split.columns):
         raise PsyfaceError(f"{path}: needs columns id, split; found {list(split.columns)}")
     return split
@@ -274,7 +274,7 @@ def read_landmarks_table(spec: DatasetSpec) -> pd.DataFrame:
     path = spec.root / spec.landmarks.file
     if not path.is_file():
         raise PsyfaceError(f"landmarks table {path} not found (dataset.yaml landmarks.file)")
-    return pd.read_csv(path, dtype={spec.id_column: str}, keep_default_na=True)
+    return read_csv_checked(path, dtype={spec.id_column: str}, keep_default_na=True)
 
 
 @entry_point
