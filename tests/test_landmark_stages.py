@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from conftest import make_synthetic, run_cli
+from conftest import make_synthetic
 from psyface import landmarks
 from psyface.dataset.layout import load_dataset
+from psyface.expressions import stage as expressions_stage
 from psyface.split import SplitParams, assign_splits
 
 PARAMS = """
@@ -41,12 +42,19 @@ def project(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_stages_write_reports_and_register_full_and_reduced_models(project: Path) -> None:
+def test_stages_write_reports_and_register_full_and_reduced_models(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process (as `psyface landmarks` / `psyface expressions` run them): one torch and MLflow import."""
     tracking = f"sqlite:///{project / 'mlruns.db'}"
-    env = {"MLFLOW_TRACKING_URI": tracking}
-    for stage in ("landmarks", "expressions"):
-        done = run_cli(stage, cwd=project, env=env)
-        assert done.returncode == 0, done.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    monkeypatch.chdir(project)
+    threads = torch.get_num_threads()
+    try:
+        assert landmarks.main([]) == 0
+        assert expressions_stage.main([]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the stage pins one thread for its tiny models
 
     reports = project / "reports" / "landmarks"
     metrics = json.loads((reports / "metrics.json").read_text())["expressions"]
@@ -60,6 +68,8 @@ def test_stages_write_reports_and_register_full_and_reduced_models(project: Path
     assert (reports / "kept_landmarks.png").stat().st_size > 0
     summary = json.loads((reports / "summary.json").read_text())
     assert set(summary["mlflow"]["versions"]) == {"full", "reduced"}
+
+    import mlflow  # slow to import: only the test that loads the registered model pays for it
 
     mlflow.set_tracking_uri(tracking)
     served = mlflow.pyfunc.load_model("models:/psyface-landmark-expressions@reduced")
