@@ -97,3 +97,15 @@ def test_too_many_unusable_landmark_rows_stop_the_stage_with_one_line(
     problems = pd.read_csv(project / "reports" / "landmarks" / "problems.csv")
     assert problems["problem"].str.startswith("missing coordinate(s) x3").sum() == len(table) // 10 + 1
     assert not (project / landmarks.OUT_FILE).exists()
+
+
+def test_an_expression_without_ground_truth_regions_is_a_params_error(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / "params.yaml").write_text(PARAMS.replace(", angry: [brows, mouth]", ""))
+    monkeypatch.chdir(project)
+    assert landmarks.main([]) == 0
+    with pytest.raises(SystemExit) as stopped:
+        expressions_stage.main([])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("expressions.regions lacks expression(s) ['angry']")
