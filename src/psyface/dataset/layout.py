@@ -144,6 +144,10 @@ class DatasetSpec:
 
 
 def _inside(root: Path, relative: str, image_id: str) -> Path:
+    """Resolve `relative` under `root`; ids are names, so absolute paths and `..` are refused."""
+    parts = image_id.replace("\\", "/").split("/")
+    if image_id.startswith(("/", "\\")) or ".." in parts or Path(image_id).is_absolute():
+        raise PsyfaceError(f"id {image_id!r} is an absolute path or contains '..': ids must be plain names")
     base = root.resolve()
     path = (root / relative).resolve()
     if not path.is_relative_to(base):

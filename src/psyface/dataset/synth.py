@@ -1,0 +1,483 @@
+"""Deterministic synthetic rated faces with known ground truth: the embedded default dataset.
+
+Real rated-face sets are licensed, so psyface ships a generator good enough to *test the science*:
+every rated attribute is a known function of latent factors that are drawn only inside specific
+facial regions (so explanations can be scored against masks), raters are simulated with individual
+noise and leniency (so the reliability ceiling is known), and one attribute carries an injected
+rater bias against one group while a control attribute has no facial signal at all.
+
+Determinism: every random draw comes from a generator seeded by (seed, identity, image), nuisance
+draws happen before any latent is used, and files are written with fixed encoder settings, so the
+same arguments give byte-identical files (and the committed `data.dvc` matches a fresh run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from psyface.dataset.layout import Attribute, DatasetSpec, Landmarks, Masks
+from psyface.errors import PsyfaceError, entry_point
+
+REGIONS = ["mouth", "brows", "eyes", "jaw", "cheeks", "forehead", "hair"]
+EXPRESSIONS = ["neutral", "happy", "sad", "surprised", "angry"]
+SCALE = (1.0, 7.0)
+
+# Which latent factors each attribute's impression is made of (weights on standardised latents).
+# Each latent is drawn only inside the regions listed in ATTRIBUTES, which the tests verify.
+IMPRESSIONS: dict[str, dict[str, float]] = {
+    "happy": {"mouth_curve": 1.0},
+    "trustworthy": {"mouth_curve": 0.7, "brow_angle": -0.7},
+    "dominant": {"jaw_width": 0.8, "brow_angle": 0.6},
+    "attractive": {"eye_size": 0.8, "eye_asymmetry": -0.6},
+    "age": {"age": 1.0},
+    "warm": {"cheek_warmth": 1.0},
+    "control": {"hidden": 1.0},
+}
+ATTRIBUTES: dict[str, Attribute] = {
+    "happy": Attribute(SCALE, ["mouth"], "mouth curvature"),
+    "trustworthy": Attribute(SCALE, ["brows", "mouth"], "mouth curvature and brow angle"),
+    "dominant": Attribute(SCALE, ["jaw", "brows"], "jaw width and brow angle"),
+    "attractive": Attribute(SCALE, ["eyes"], "eye size and symmetry"),
+    "age": Attribute(SCALE, ["forehead", "hair"], "forehead lines and grey hair"),
+    "warm": Attribute(SCALE, ["cheeks"], "cheek colour"),
+    "control": Attribute(SCALE, [], "control: rater agreement on nothing visible (no facial signal)"),
+}
+LATENT_REGIONS = {
+    "mouth_curve": ["mouth"],
+    "mouth_open": ["mouth"],
+    "brow_angle": ["brows"],
+    "brow_raise": ["brows"],
+    "eye_size": ["eyes"],
+    "eye_asymmetry": ["eyes"],
+    "eye_open": ["eyes"],
+    "jaw_width": ["jaw"],
+    "cheek_warmth": ["cheeks"],
+    "age": ["forehead", "hair"],
+    "hidden": [],
+}
+# Expression shifts of the per-image latents (mouth/brow/eye), before per-image variation.
+EXPRESSION_EFFECTS: dict[str, dict[str, float]] = {
+    "neutral": {},
+    "happy": {"mouth_curve": 1.4},
+    "sad": {"mouth_curve": -1.2, "brow_angle": -0.8},
+    "surprised": {"mouth_open": 1.0, "brow_raise": 1.0, "eye_open": 0.6},
+    "angry": {"brow_angle": 1.4, "mouth_curve": -0.4},
+}
+LANDMARK_REGIONS = {
+    "jaw": list(range(0, 9)),
+    "brows": list(range(9, 19)),
+    "eyes": list(range(19, 27)),
+    "nose": list(range(27, 30)),
+    "mouth": list(range(30, 38)),
+}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Generator settings; recorded in dataset.yaml so the data documents how it was made."""
+
+    n_identities: int = 500
+    images_per_identity: int = 3
+    size: int = 128
+    raters: int = 20
+    rater_noise: float = 0.8
+    seed: int = 0
+    bias_attribute: str = "trustworthy"
+    bias_group: str = "B"
+    bias_shift: float = 0.6
+    pixel_noise: float = 3.0
+
+
+@dataclass
+class Face:
+    """Latent factors of one image: identity traits, expression-driven state and nuisance."""
+
+    identity: dict[str, float]
+    state: dict[str, float]
+    nuisance: dict[str, float] = field(default_factory=dict)
+
+    def latent(self, name: str) -> float:
+        return self.state.get(name, self.identity.get(name, 0.0))
+
+
+def sample_identity(rng: np.random.Generator) -> dict[str, float]:
+    """Traits that stay the same across an identity's images (standardised, roughly N(0,1))."""
+    return {
+        "jaw_width": float(rng.standard_normal()),
+        "eye_size": float(rng.standard_normal()),
+        "eye_asymmetry": float(abs(rng.standard_normal())),
+        "skin_tone": float(rng.uniform(0.0, 1.0)),
+        "hair_length": float(rng.uniform(0.0, 1.0)),
+        "hair_hue": float(rng.uniform(0.0, 1.0)),
+        "age": float(rng.standard_normal()),
+        "cheek_warmth": float(rng.standard_normal()),
+        "brow_base": float(0.4 * rng.standard_normal()),
+        "mouth_base": float(0.3 * rng.standard_normal()),
+        "hidden": float(rng.standard_normal()),
+    }
+
+
+def sample_face(identity: dict[str, float], rng: np.random.Generator) -> tuple[str, Face]:
+    """One image of an identity: nuisance first (so it never depends on latents), then expression."""
+    nuisance = {
+        "bg_r": float(rng.uniform(60, 200)),
+        "bg_g": float(rng.uniform(60, 200)),
+        "bg_b": float(rng.uniform(60, 200)),
+        "light": float(rng.uniform(-0.15, 0.15)),
+        "dx": float(rng.uniform(-0.025, 0.025)),
+        "dy": float(rng.uniform(-0.025, 0.025)),
+        "roll": float(rng.uniform(-4.0, 4.0)),
+        "zoom": float(rng.uniform(0.97, 1.03)),
+        "noise_seed": int(rng.integers(0, 2**31 - 1)),
+    }
+    expression = EXPRESSIONS[int(rng.integers(0, len(EXPRESSIONS)))]
+    effects = EXPRESSION_EFFECTS[expression]
+    state = {
+        "mouth_curve": identity["mouth_base"] + effects.get("mouth_curve", 0.0) + 0.25 * rng.standard_normal(),
+        "mouth_open": effects.get("mouth_open", 0.0) + 0.1 * abs(rng.standard_normal()),
+        "brow_angle": identity["brow_base"] + effects.get("brow_angle", 0.0) + 0.2 * rng.standard_normal(),
+        "brow_raise": effects.get("brow_raise", 0.0) + 0.15 * rng.standard_normal(),
+        "eye_open": effects.get("eye_open", 0.0) + 0.1 * rng.standard_normal(),
+    }
+    return expression, Face(identity, {k: float(v) for k, v in state.items()}, nuisance)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering: canonical face frame [0,1]^2, transformed by the pose, drawn at 2x and downsampled.
+# ---------------------------------------------------------------------------------------------
+
+def _pose(face: Face, size: int):  # noqa: ANN202 - returns a point transform
+    n = face.nuisance
+    angle = math.radians(n["roll"])
+    cos, sin, zoom = math.cos(angle), math.sin(angle), n["zoom"]
+
+    def transform(points: np.ndarray, scale: float = 1.0) -> list[tuple[float, float]]:
+        centred = (np.asarray(points, dtype=np.float64) - 0.5) * zoom
+        x = centred[:, 0] * cos - centred[:, 1] * sin + 0.5 + n["dx"]
+        y = centred[:, 0] * sin + centred[:, 1] * cos + 0.5 + n["dy"]
+        return [(float(a), float(b)) for a, b in zip(x * size * scale, y * size * scale)]
+
+    return transform
+
+
+def _ellipse(cx: float, cy: float, rx: float, ry: float, n: int = 32) -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
+
+
+def _head_outline(jaw_width: float) -> np.ndarray:
+    """Head contour: fixed cranium on top, jaw half-width set by the jaw latent below eye level."""
+    t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    half_width = np.where(np.sin(t) > 0, 0.19 + 0.025 * np.clip(jaw_width, -2.5, 2.5), 0.24)
+    x = 0.5 + half_width * np.cos(t) * np.where(np.sin(t) > 0, 1 - 0.35 * np.sin(t) ** 2, 1)
+    y = 0.50 + np.where(np.sin(t) > 0, 0.36, 0.30) * np.sin(t)
+    return np.stack([x, y], axis=1)
+
+
+def _mouth_curves(curve: float, opening: float) -> tuple[np.ndarray, np.ndarray]:
+    x = np.linspace(0.42, 0.58, 9)
+    u = (x - 0.5) / 0.08
+    lift = 0.03 * np.clip(curve, -2.5, 2.5) * u**2
+    upper = np.stack([x, 0.705 - lift - 0.004], axis=1)
+    lower = np.stack([x, 0.705 - lift + 0.004 + 0.03 * max(opening, 0.0) * (1 - u**2)], axis=1)
+    return upper, lower
+
+
+def _brow(side: int, angle: float, raise_: float) -> np.ndarray:
+    """Brow line; positive angle lowers the inner end (the frowning, 'dominant' brow)."""
+    x = 0.5 + side * np.linspace(0.05, 0.16, 5)
+    inner_drop = 0.018 * np.clip(angle, -2.5, 2.5)
+    y = 0.405 - 0.01 * np.clip(raise_, -2, 2.5) + inner_drop * np.linspace(1, -1, 5)
+    return np.stack([x, y], axis=1)
+
+
+def _skin(face: Face) -> tuple[int, int, int]:
+    t = face.identity["skin_tone"]
+    light, dark = np.array([236, 200, 172]), np.array([118, 82, 58])
+    return tuple(int(v) for v in np.round(light + (dark - light) * t))
+
+
+def _hair_colour(face: Face) -> tuple[int, int, int]:
+    base = np.array([[40, 28, 20], [110, 70, 35], [200, 160, 90]])[int(face.identity["hair_hue"] * 2.999)]
+    grey = np.clip((face.identity["age"] + 1.0) / 3.0, 0.0, 1.0)
+    return tuple(int(v) for v in np.round(base + (np.array([205, 205, 205]) - base) * grey))
+
+
+def _hair_shape(length: float) -> np.ndarray:
+    bottom = 0.40 + 0.38 * length
+    t = np.linspace(np.pi, 2 * np.pi, 24)
+    top = np.stack([0.5 + 0.265 * np.cos(t), 0.47 + 0.31 * np.sin(t)], axis=1)
+    sides = np.array([[0.765, 0.47], [0.75, bottom], [0.25, bottom], [0.235, 0.47]])
+    return np.concatenate([top, sides])
+
+
+def _hair_cap() -> np.ndarray:
+    t = np.linspace(np.pi, 2 * np.pi, 24)
+    outer = np.stack([0.5 + 0.25 * np.cos(t), 0.50 + 0.31 * np.sin(t)], axis=1)
+    inner = np.stack([0.5 + 0.20 * np.cos(t[::-1]), 0.31 + 0.06 * np.sin(t[::-1])], axis=1)
+    return np.concatenate([outer, inner])
+
+
+def landmarks(face: Face) -> np.ndarray:
+    """38 points in the canonical frame (before pose): jaw, brows, eyes, nose, mouth."""
+    outline = _head_outline(face.identity["jaw_width"])
+    lower = outline[(outline[:, 1] > 0.50)]
+    jaw = lower[np.linspace(0, len(lower) - 1, 9).round().astype(int)]
+    brows = np.concatenate([_brow(-1, face.latent("brow_angle"), face.latent("brow_raise")),
+                            _brow(1, face.latent("brow_angle"), face.latent("brow_raise"))])
+    eyes = []
+    for side, (rx, ry) in zip((-1, 1), _eye_radii(face)):
+        cx = 0.5 + side * 0.105
+        eyes.append([[cx - rx, 0.465], [cx, 0.465 - ry], [cx + rx, 0.465], [cx, 0.465 + ry]])
+    nose = np.array([[0.5, 0.50], [0.5, 0.60], [0.5, 0.615]])
+    upper, lower_lip = _mouth_curves(face.latent("mouth_curve"), face.latent("mouth_open"))
+    mouth = np.concatenate([upper[[0, 2, 4, 6, 8]], lower_lip[[6, 4, 2]]])
+    return np.concatenate([jaw, brows, np.asarray(eyes).reshape(-1, 2), nose, mouth])
+
+
+def _eye_radii(face: Face) -> list[tuple[float, float]]:
+    size = 1 + 0.2 * np.clip(face.identity["eye_size"], -2.5, 2.5)
+    asym = 0.2 * min(face.identity["eye_asymmetry"], 2.5)
+    openness = 1 + 0.25 * np.clip(face.latent("eye_open"), -1.5, 2)
+    return [(0.040 * size * (1 + s * asym / 2), 0.022 * size * (1 + s * asym / 2) * openness) for s in (-1, 1)]
+
+
+def render(face: Face, size: int, pixel_noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image (uint8 HxWx3), region bitfield mask (uint8 HxW) and landmarks (38x2, pixels)."""
+    big = 2 * size
+    to_big = _pose(face, big)
+    skin = _skin(face)
+    canvas = Image.new("RGB", (big, big), tuple(int(face.nuisance[k]) for k in ("bg_r", "bg_g", "bg_b")))
+    draw = ImageDraw.Draw(canvas)
+    hair = _hair_colour(face)
+    draw.polygon(to_big(_hair_shape(face.identity["hair_length"])), fill=hair)
+    draw.polygon(to_big(_head_outline(face.identity["jaw_width"])), fill=skin)
+    draw.polygon(to_big(_hair_cap()), fill=hair)
+    line_colour = tuple(int(c * 0.72) for c in skin)
+    for k in range(int(np.clip(np.round(1.5 * (face.identity["age"] + 1.2)), 0, 4))):
+        y = 0.335 + 0.012 * k
+        draw.line(to_big(np.array([[0.42, y + 0.004], [0.5, y], [0.58, y + 0.004]])), fill=line_colour,
+                  width=max(1, big // 128))
+    blush = np.array([200, 40, 60])
+    warmth = float(np.clip(0.5 + 0.25 * face.identity["cheek_warmth"], 0.0, 1.0)) * 0.55
+    cheek = tuple(int(v) for v in np.round(np.array(skin) + (blush - np.array(skin)) * warmth))
+    for side in (-1, 1):
+        draw.polygon(to_big(_ellipse(0.5 + side * 0.135, 0.595, 0.042, 0.032)), fill=cheek)
+    for side in (-1, 1):
+        brow = _brow(side, face.latent("brow_angle"), face.latent("brow_raise"))
+        draw.line(to_big(brow), fill=(45, 32, 25), width=max(2, big // 48))
+    for side, (rx, ry) in zip((-1, 1), _eye_radii(face)):
+        cx = 0.5 + side * 0.105
+        draw.polygon(to_big(_ellipse(cx, 0.465, rx, ry)), fill=(245, 245, 245))
+        draw.polygon(to_big(_ellipse(cx, 0.465, min(rx, ry) * 0.85, min(rx, ry) * 0.85)), fill=(50, 60, 90))
+    draw.line(to_big(np.array([[0.5, 0.50], [0.5, 0.60], [0.485, 0.615]])), fill=line_colour,
+              width=max(1, big // 96))
+    upper, lower = _mouth_curves(face.latent("mouth_curve"), face.latent("mouth_open"))
+    draw.polygon(to_big(np.concatenate([upper, lower[::-1]])), fill=(140, 40, 50))
+    image = np.asarray(canvas.reduce(2), dtype=np.float64)
+    gradient = 1 + face.nuisance["light"] * np.linspace(-1, 1, size)[None, :, None]
+    noise = np.random.default_rng(face.nuisance["noise_seed"]).normal(0.0, pixel_noise, image.shape)
+    pixels = np.clip(np.round(image * gradient + noise), 0, 255).astype(np.uint8)
+    return pixels, region_masks(face, size), np.asarray(_pose(face, size)(landmarks(face)))
+
+
+def region_masks(face: Face, size: int) -> np.ndarray:
+    """Bitfield (bit k = REGIONS[k]) covering every pixel the region's latents can change."""
+    to_px = _pose(face, size)
+    margin = max(1, round(size / 64))
+    masks = np.zeros((size, size), dtype=np.uint8)
+    shapes: dict[str, list[np.ndarray]] = {
+        "mouth": [_ellipse(0.5, 0.695, 0.12, 0.1)],
+        "brows": [_ellipse(0.5 + s * 0.105, 0.405, 0.085, 0.06) for s in (-1, 1)],
+        "eyes": [_ellipse(0.5 + s * 0.105, 0.465, 0.08, 0.06) for s in (-1, 1)],
+        "cheeks": [_ellipse(0.5 + s * 0.135, 0.595, 0.052, 0.042) for s in (-1, 1)],
+        "forehead": [np.array([[0.40, 0.32], [0.60, 0.32], [0.60, 0.39], [0.40, 0.39]])],
+        "hair": [_hair_shape(face.identity["hair_length"]), _hair_cap()],
+    }
+    for bit, region in enumerate(REGIONS):
+        layer = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(layer)
+        if region == "jaw":
+            widest, narrowest = _head_outline(2.5), _head_outline(-2.5)
+            _fill_dilated(draw, to_px(widest), margin)
+            draw.polygon(to_px(narrowest), fill=0)
+            draw.line(to_px(np.concatenate([narrowest, narrowest[:1]])), fill=1, width=2 * margin + 1)
+            draw.polygon(to_px(np.array([[-1, -1], [2, -1], [2, 0.46], [-1, 0.46]])), fill=0)
+        for shape in shapes.get(region, []):
+            _fill_dilated(draw, to_px(shape), margin)
+        masks |= np.asarray(layer, dtype=np.uint8) << bit
+    return masks
+
+
+def _fill_dilated(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], margin: int) -> None:
+    """Fill a polygon grown by `margin` pixels, so anti-aliased edges stay inside the mask."""
+    draw.polygon(points, fill=1)
+    draw.line([*points, points[0]], fill=1, width=2 * margin + 1, joint="curve")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ratings: simulated raters with leniency and noise; split-half reliability.
+# ---------------------------------------------------------------------------------------------
+
+def impression(face: Face) -> dict[str, float]:
+    """The noise-free impression each attribute's raters form of one face (raw units)."""
+    return {
+        attribute: sum(w * face.latent(name) for name, w in weights.items())
+        for attribute, weights in IMPRESSIONS.items()
+    }
+
+
+def impressions(faces: list[Face]) -> pd.DataFrame:
+    """Impressions of every face, standardised over the sample."""
+    frame = pd.DataFrame([impression(face) for face in faces])
+    return (frame - frame.mean()) / frame.std(ddof=0)
+
+
+def simulate_raters(
+    signal: pd.DataFrame, groups: pd.Series, config: SynthConfig, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Integer ratings (faces x raters) per attribute on SCALE, with the configured group bias."""
+    low, high = SCALE
+    middle, spread = (low + high) / 2, (high - low) / 5
+    ratings = {}
+    for attribute in signal.columns:
+        leniency = 0.3 * rng.standard_normal(config.raters)
+        noise = config.rater_noise * rng.standard_normal((len(signal), config.raters))
+        latent = signal[attribute].to_numpy()[:, None] + leniency[None, :] + noise
+        if attribute == config.bias_attribute:
+            latent = latent - config.bias_shift * (groups.to_numpy() == config.bias_group)[:, None]
+        ratings[attribute] = np.clip(np.round(middle + spread * latent), low, high)
+    return ratings
+
+
+def split_half_reliability(ratings: np.ndarray, rng: np.random.Generator, splits: int = 50) -> float:
+    """Mean Spearman-Brown-corrected correlation between random halves of the raters."""
+    n_raters = ratings.shape[1]
+    values = []
+    for _ in range(splits):
+        order = rng.permutation(n_raters)
+        a = ratings[:, order[: n_raters // 2]].mean(axis=1)
+        b = ratings[:, order[n_raters // 2 :]].mean(axis=1)
+        r = float(np.corrcoef(a, b)[0, 1])
+        values.append(2 * r / (1 + r))
+    return round(float(np.mean(values)), 4)
+
+
+def _demographics(face: Face) -> dict[str, str]:
+    age = face.identity["age"]
+    return {
+        "group": "B" if face.identity["skin_tone"] >= 0.5 else "A",
+        "gender": "feminine" if face.identity["hair_length"] >= 0.5 else "masculine",
+        "age_band": "young" if age < -0.43 else ("middle" if age < 0.43 else "older"),
+    }
+
+
+def generate(out: Path, config: SynthConfig, progress: bool = True) -> DatasetSpec:
+    """Write the whole dataset into `out` (must not exist) and return its spec."""
+    out.mkdir(parents=True)
+    (out / "images").mkdir()
+    (out / "masks").mkdir()
+    faces: list[Face] = []
+    rows: list[dict[str, object]] = []
+    points: list[np.ndarray] = []
+    total = config.n_identities * config.images_per_identity
+    bar = tqdm(total=total, desc="synth: faces", unit="face", disable=not progress)
+    for person in range(config.n_identities):
+        identity_rng = np.random.default_rng([config.seed, person])
+        identity = sample_identity(identity_rng)
+        for shot in range(config.images_per_identity):
+            expression, face = sample_face(identity, np.random.default_rng([config.seed, person, shot + 1]))
+            image_id = f"p{person:04d}_{shot}"
+            image, masks, marks = render(face, config.size, config.pixel_noise)
+            Image.fromarray(image).save(out / "images" / f"{image_id}.png", compress_level=6)
+            Image.fromarray(masks).save(out / "masks" / f"{image_id}.png", compress_level=6)
+            faces.append(face)
+            points.append(marks)
+            rows.append({"id": image_id, "identity": f"p{person:04d}", **_demographics(face),
+                         "expression": expression})
+            bar.update()
+    bar.close()
+    table = pd.DataFrame(rows)
+    rater_rng = np.random.default_rng([config.seed, 1_000_003])
+    ratings = simulate_raters(impressions(faces), table["group"], config, rater_rng)
+    reliability = {name: split_half_reliability(values, rater_rng) for name, values in ratings.items()}
+    means = pd.DataFrame({name: values.mean(axis=1) for name, values in ratings.items()})
+    columns = ["id", "identity", *ATTRIBUTES, "group", "gender", "age_band", "expression"]
+    pd.concat([table, means], axis=1)[columns].to_csv(out / "ratings.csv", index=False, float_format="%.4f")
+    coordinates = np.round(np.stack(points).reshape(len(points), -1), 2)
+    header = [f"{axis}{k}" for k in range(coordinates.shape[1] // 2) for axis in ("x", "y")]
+    marks_table = pd.DataFrame(coordinates, columns=header)
+    marks_table.insert(0, "id", table["id"])
+    marks_table.to_csv(out / "landmarks.csv", index=False, float_format="%.2f")
+    spec = DatasetSpec(
+        name="psyface-synthetic",
+        attributes=ATTRIBUTES,
+        identity_column="identity",
+        sensitive_features={"group": ["A", "B"], "gender": ["feminine", "masculine"],
+                            "age_band": ["young", "middle", "older"]},
+        intersections=[["group", "gender"]],
+        labels={"expression": EXPRESSIONS},
+        reliability=reliability,
+        aligned=True,
+        masks=Masks(template="masks/{id}.png", regions=REGIONS),
+        landmarks=Landmarks(file="landmarks.csv", n_points=coordinates.shape[1] // 2, regions=LANDMARK_REGIONS),
+        source={"generator": "psyface synth", **vars(config),
+                "bias": f"raters rate group {config.bias_group} lower on {config.bias_attribute} "
+                        f"by {config.bias_shift} rater-SD units regardless of the face"},
+        root=out,
+    )
+    spec.write(out)
+    return spec
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SynthConfig]:
+    defaults = SynthConfig()
+    parser = argparse.ArgumentParser(prog="psyface synth", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("data"), help="output folder (default: data)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    for name, value in vars(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
+                            help=f"default: {value}")
+    args = parser.parse_args(argv)
+    config = replace(defaults, **{k: getattr(args, k) for k in vars(defaults)})
+    if config.n_identities < 1 or config.images_per_identity < 1 or config.raters < 2:
+        parser.error("--n-identities and --images-per-identity must be >= 1 and --raters >= 2")
+    if config.size < 32:
+        parser.error("--size must be at least 32 pixels")
+    if config.bias_attribute not in ATTRIBUTES:
+        parser.error(f"--bias-attribute must be one of {list(ATTRIBUTES)}")
+    return args, config
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args, config = parse_args(argv)
+    out: Path = args.out
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise PsyfaceError(f"{out} exists and is not empty; pass --force to replace it")
+    staging = out.with_name(f".{out.name}.synth-tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    spec = generate(staging, config)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    n = config.n_identities * config.images_per_identity
+    print(f"wrote {n} faces ({config.n_identities} identities) at {config.size}px to {out}/")
+    print("reliability (split-half, Spearman-Brown): "
+          + ", ".join(f"{k}={v:.3f}" for k, v in spec.reliability.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny synthetic datasets made by the real generator (no binary files in git)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import psyface
+from psyface.dataset.synth import SynthConfig, generate
+
+SRC = Path(psyface.__file__).resolve().parents[1]
+
+
+def make_synthetic(root: Path, **overrides: object) -> Path:
+    """Generate a small synthetic dataset into `root` (default: 24 identities x 2 images, 64 px)."""
+    config = SynthConfig(**{"n_identities": 24, "images_per_identity": 2, "size": 64, **overrides})
+    generate(root, config, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only small synthetic dataset shared by the whole session: do not modify it."""
+    return make_synthetic(tmp_path_factory.mktemp("synthetic") / "data")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `python -m psyface.cli ARGS` in a fresh process, as a user would from a shell."""
+    environment = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "psyface.cli", *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
