@@ -10,8 +10,6 @@ each, so they are written here, batched over images and attributes.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from scipy.stats import rankdata
@@ -104,14 +102,12 @@ def randomised_copy(model: nn.Module, seed: int) -> nn.Module:
     return randomised.eval()
 
 
-def randomisation_correlation(
-    explain: Callable[[nn.Module, torch.Tensor], torch.Tensor], model: nn.Module, images: torch.Tensor, seed: int
-) -> np.ndarray:
-    """Rank correlation of |maps| from the trained and a randomised model, one per (image, attribute).
+def randomisation_correlation(trained_maps: torch.Tensor, randomised_maps: torch.Tensor) -> np.ndarray:
+    """Rank correlation of |maps| (N, A, H, W) of the trained and the randomised model -> (N * A,).
 
     A method whose maps survive randomising the weights explains the input, not the model: it fails
     the sanity check (high correlation).
     """
-    trained = relevance(explain(model, images)).flatten(2).flatten(0, 1)
-    randomised = relevance(explain(randomised_copy(model, seed), images)).flatten(2).flatten(0, 1)
+    trained = relevance(trained_maps).flatten(2).flatten(0, 1)
+    randomised = relevance(randomised_maps).flatten(2).flatten(0, 1)
     return rank_correlation(trained.numpy(), randomised.numpy())

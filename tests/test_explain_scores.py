@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from explain_models import SIZE, box, region_model, tiny_vgg
+from tests.explain_models import SIZE, box, images, region_model, tiny_vgg  # noqa: F401 (images: a fixture)
 
 from psyface.explain.methods import MethodOptions, attribute
 from psyface.explain.scores import (
@@ -13,6 +13,7 @@ from psyface.explain.scores import (
     pointing_game,
     randomisation_correlation,
     random_order,
+    randomised_copy,
     rank_correlation,
     relevance,
     relevance_mass_accuracy,
@@ -79,8 +80,11 @@ def test_a_method_that_ignores_the_weights_fails_the_randomisation_check(images)
         edges = (batch[..., 1:, :] - batch[..., :-1, :]).abs().sum(1)
         return edges[:, None].expand(-1, 3, -1, -1)
 
-    ignores_weights = randomisation_correlation(edge_detector, tiny_vgg(), images, seed=0)
-    uses_weights = randomisation_correlation(lambda m, x: attribute(m, x, "gradcam"), tiny_vgg(seed=3), images, seed=0)
+    def check(explain, model):
+        return randomisation_correlation(explain(model, images), explain(randomised_copy(model, seed=0), images))
+
+    ignores_weights = check(edge_detector, tiny_vgg())
+    uses_weights = check(lambda model, batch: attribute(model, batch, "gradcam"), tiny_vgg(seed=3))
     assert ignores_weights.shape == (9,)
     assert ignores_weights.mean() == pytest.approx(1.0)
     assert uses_weights.mean() < ignores_weights.mean() - 0.3

@@ -7,7 +7,7 @@ from captum.attr import LayerAttribution, LayerGradCam
 from psyface.errors import PsyfaceError
 from psyface.explain.methods import METHODS, MethodOptions, attribute
 
-from explain_models import SIZE, tiny_vgg
+from tests.explain_models import SIZE, images, tiny_vgg  # noqa: F401 (images: a fixture)
 
 OPTIONS = MethodOptions(ig_steps=8, occlusion_window=8, occlusion_stride=4)
 

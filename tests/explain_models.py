@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -49,3 +50,9 @@ def box(top: int, bottom: int, left: int, right: int) -> torch.Tensor:
     mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     mask[top:bottom, left:right] = True
     return mask
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """Three random positive 32 px inputs (positive: the region model's maps stay positive)."""
+    return torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
