@@ -263,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
     run = read_run_file()
     net, spec = load_model(run.model_uri, run.tracking_uri)
     test = faces_to_explain(load_dataset(DATA_DIR), load_prepared(PREPARED_DIR), spec.attributes)
-    torch.manual_seed(params.seed)
     with tempfile.TemporaryDirectory() as staging:
         metrics, raw = explain_test_set(net, spec, test, params, Path(staging), progress=True)
         replace_dir_atomic(FIGURES_DIR, lambda folder: shutil.copytree(staging, folder, dirs_exist_ok=True))
