@@ -26,7 +26,7 @@ from psyface.config import load_section
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.images import ImageProblem, decode_image
-from psyface.io import write_csv_atomic, write_json_atomic
+from psyface.io import read_csv_checked, write_csv_atomic, write_json_atomic
 
 REPORTS_DIR = Path("reports/validation")
 ARTIFACTS_DIR = Path("artifacts/validate")
@@ -84,19 +84,7 @@ class ValidationOutcome:
 def read_table(spec: DatasetSpec) -> pd.DataFrame:
     """The ratings table with every cell as text (NaN when empty), so the rules see what was written."""
     path = spec.ratings_path
-    if not path.is_file():
-        raise PsyfaceError(f"ratings table {path} not found")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise PsyfaceError(
-            f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
-            "re-save it as UTF-8"
-        ) from None
-    except pd.errors.EmptyDataError:
-        raise PsyfaceError(f"{path} is empty: expected a header line and one row per image") from None
-    except pd.errors.ParserError as error:
-        raise PsyfaceError(f"cannot parse {path}: {error}") from None
+    table = read_csv_checked(path, dtype=str, keep_default_na=True)
     if table.empty:
         raise PsyfaceError(f"{path} has a header but no rows: nothing to validate")
     return table.reset_index(drop=True)

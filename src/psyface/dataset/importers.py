@@ -27,7 +27,7 @@ from tqdm import tqdm
 from psyface.dataset.layout import DATA_DIR, Attribute, DatasetSpec
 from psyface.errors import PsyfaceError, entry_point
 from psyface.images import ImageProblem, decode_image
-from psyface.io import replace_dir_atomic
+from psyface.io import read_csv_checked, replace_dir_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 UNKNOWN = "unknown"
@@ -77,17 +77,7 @@ def read_ratings_table(path: Path, sheet: str | None = None) -> pd.DataFrame:
     if suffix == ".csv":
         if sheet is not None:
             raise PsyfaceError(f"--sheet applies to .xlsx files, but {path} is a CSV")
-        try:
-            table = pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise PsyfaceError(
-                f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
-                "re-save it as UTF-8"
-            ) from None
-        except pd.errors.EmptyDataError:
-            raise PsyfaceError(f"{path} is empty: expected a header line and one row per image") from None
-        except pd.errors.ParserError as error:
-            raise PsyfaceError(f"cannot parse {path}: {error}") from None
+        table = read_csv_checked(path, dtype=str, keep_default_na=True)
     elif suffix == ".xlsx":
         table = read_sheet(path, sheet)
     else:
