@@ -138,6 +138,41 @@ def mean_maps(rel: torch.Tensor) -> np.ndarray:
     return (rel / peaks).mean(0).numpy()
 
 
+def quality(
+    net: AttributeNet, inputs: torch.Tensor, maps: torch.Tensor, test: FacesToExplain, attributes: list[str],
+    params: ExplainParams, method: Method, random_curves: np.ndarray,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Localisation (masks, human attention), deletion vs random order, randomisation sanity check.
+
+    Returns the scores and the method's mean deletion curve (for the figure).
+    """
+    rel = relevance(maps)
+    result: dict[str, Any] = {"localisation": localisation(rel, test.region_masks, attributes)}
+    if test.attention_masks:
+        result["human_attention"] = localisation(rel, test.attention_masks, attributes)
+    rmas = [v["relevance_mass_accuracy"] for v in result["localisation"].values() if v["relevance_mass_accuracy"] is not None]
+    result["worst_relevance_mass_accuracy"] = min(rmas) if rmas else None
+
+    k = min(len(random_curves), len(maps))
+    curves = deletion_curves(net, inputs[:k], rel[:k], params.deletion_steps)
+    auc, auc_random = float(area_under_curve(curves).mean()), float(area_under_curve(random_curves[:k]).mean())
+    result["deletion"] = {"auc": auc, "auc_random": auc_random, "gain": auc - auc_random, "images": k}
+
+    s = min(params.sanity_images, len(maps))
+    randomised = compute_maps(randomised_copy(net, params.seed), inputs[:s], method, params.options, params.batch_size)
+    correlation = float(randomisation_correlation(maps[:s], randomised).mean())
+    result["randomisation"] = {"rank_correlation": correlation, "passed": correlation < params.sanity_threshold, "images": s}
+    return result, curves.mean(axis=(0, 1))
+
+
+def float16_subset(maps: torch.Tensor, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """(maps scaled to a peak |value| of 1 as float16, float32 scales): float16 alone would flush
+    the tiny raw values of some methods to zero; map = scaled * scale."""
+    kept = maps[:n_images]
+    scale = kept.flatten(2).abs().amax(2).clamp_min(1e-30)
+    return (kept / scale[..., None, None]).numpy().astype(np.float16), scale.numpy()
+
+
 def explain_test_set(
     net: AttributeNet, spec: ModelSpec, test: FacesToExplain, params: ExplainParams, figures_dir: Path, progress: bool = False
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -148,43 +183,22 @@ def explain_test_set(
     with torch.no_grad():
         predictions = torch.cat([net(batch) for batch in inputs.split(params.batch_size)]).numpy()
     ratings = spec.to_rating_scale(predictions)
+    n_deletion = min(params.deletion_images, len(test.ids))
+    order = random_order(torch.Size((n_deletion, len(attributes), *inputs.shape[-2:])), params.seed)
+    random_curves = deletion_curves(net, inputs[:n_deletion], order, params.deletion_steps)
+
     metrics: dict[str, Any] = {"aligned": test.aligned, "test_images": len(test.ids)}
     raw: dict[str, np.ndarray] = {"ids": np.array(test.ids[: params.raw_maps_images]), "attributes": np.array(attributes)}
     mean_by_method: dict[str, np.ndarray] = {}
     deletion_by_method: dict[str, np.ndarray] = {}
-    n_deletion = min(params.deletion_images, len(test.ids))
-    order = random_order(torch.Size((n_deletion, len(attributes), *inputs.shape[-2:])), params.seed)
-    random_curves = deletion_curves(net, inputs[:n_deletion], order, params.deletion_steps)
     for method in params.methods:
         n_images = min(params.max_images.get(method, 0) or len(test.ids), len(test.ids))
         started = time.perf_counter()
         maps = compute_maps(net, inputs[:n_images], method, params.options, params.batch_size, progress)
         seconds = time.perf_counter() - started
+        scores, deletion_by_method[method] = quality(net, inputs, maps, test, attributes, params, method, random_curves)
+        metrics[method] = {"images": n_images, "seconds_per_image": seconds / n_images, **scores}
         rel = relevance(maps)
-        result: dict[str, Any] = {"images": n_images, "seconds_per_image": seconds / n_images}
-        result["localisation"] = localisation(rel, test.region_masks, attributes)
-        if test.attention_masks:
-            result["human_attention"] = localisation(rel, test.attention_masks, attributes)
-        rmas = [v["relevance_mass_accuracy"] for v in result["localisation"].values() if v["relevance_mass_accuracy"] is not None]
-        result["worst_relevance_mass_accuracy"] = min(rmas) if rmas else None
-
-        k = min(n_deletion, n_images)
-        curves = deletion_curves(net, inputs[:k], rel[:k], params.deletion_steps)
-        auc, auc_random = float(area_under_curve(curves).mean()), float(area_under_curve(random_curves[:k]).mean())
-        result["deletion"] = {"auc": auc, "auc_random": auc_random, "gain": auc - auc_random, "images": k}
-        deletion_by_method[method] = curves.mean(axis=(0, 1))
-
-        s = min(params.sanity_images, n_images)
-        randomised = compute_maps(randomised_copy(net, params.seed), inputs[:s], method, params.options, params.batch_size)
-        correlation = randomisation_correlation(maps[:s], randomised)
-        mean_correlation = float(correlation.mean())
-        result["randomisation"] = {
-            "rank_correlation": mean_correlation,
-            "passed": mean_correlation < params.sanity_threshold,
-            "images": s,
-        }
-        metrics[method] = result
-
         mean_by_method[method] = mean_maps(rel)
         figures.save_extremes(
             figures_dir / f"extremes_{method}.png",
@@ -195,10 +209,7 @@ def explain_test_set(
             f"{method}: highest- and lowest-predicted of {n_images} test faces per attribute",
             params.n_top,
         )
-        kept = maps[: params.raw_maps_images]
-        scale = kept.flatten(2).abs().amax(2).clamp_min(1e-30)
-        raw[method] = (kept / scale[..., None, None]).numpy().astype(np.float16)
-        raw[f"{method}_scale"] = scale.numpy()
+        raw[method], raw[f"{method}_scale"] = float16_subset(maps, params.raw_maps_images)
     mean_face = test.images.mean(axis=0).astype(np.uint8)
     figures.save_mean_heatmaps(figures_dir / "mean_heatmaps.png", mean_face, mean_by_method, attributes, test.aligned)
     figures.save_deletion_curves(figures_dir / "deletion.png", deletion_by_method, random_curves.mean(axis=(0, 1)))
