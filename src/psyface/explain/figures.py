@@ -30,28 +30,49 @@ def save_png(path: Path, image: np.ndarray) -> None:
     Image.fromarray(image).save(path)
 
 
+def mosaic(tiles: list[list[np.ndarray]], gap: int = 2) -> np.ndarray:
+    """Rows of equally sized uint8 HxWx3 tiles -> one image with white gaps (one axes draws fast)."""
+    side = tiles[0][0].shape[0]
+    n_rows, n_columns = len(tiles), max(map(len, tiles))
+    canvas = np.full((n_rows * (side + gap), n_columns * (side + gap), 3), 255, dtype=np.uint8)
+    for row, row_tiles in enumerate(tiles):
+        for column, tile in enumerate(row_tiles):
+            top, left = row * (side + gap), column * (side + gap)
+            canvas[top : top + side, left : left + side] = tile
+    return canvas
+
+
+def save_mosaic(
+    path: Path, tiles: list[list[np.ndarray]], row_labels: list[str], column_labels: list[str], title: str,
+    captions: list[list[str]] | None = None,
+) -> None:
+    """Draw a tile mosaic with row/column labels and optional per-tile captions, and save it."""
+    side = tiles[0][0].shape[0] + 2
+    canvas = mosaic(tiles)
+    scale = 1.4 / side  # inches per pixel: a tile is about 1.4 in wide
+    fig, axis = plt.subplots(figsize=(canvas.shape[1] * scale + 1.6, canvas.shape[0] * scale + 0.8))
+    axis.imshow(canvas)
+    axis.set_yticks([side * (i + 0.5) for i in range(len(row_labels))], row_labels, fontsize=8)
+    axis.set_xticks([side * (i + 0.5) for i in range(len(column_labels))], column_labels, fontsize=8)
+    axis.xaxis.tick_top()
+    axis.tick_params(length=0)
+    for spine in axis.spines.values():
+        spine.set_visible(False)
+    for row, row_captions in enumerate(captions or []):
+        for column, caption in enumerate(row_captions):
+            axis.text(side * column + 2, side * (row + 1) - 4, caption, fontsize=6, color="white")
+    axis.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
 def save_mean_heatmaps(
     path: Path, mean_face: np.ndarray, mean_maps: dict[str, np.ndarray], attributes: list[str], aligned: bool
 ) -> None:
     """Rows = methods, columns = attributes: the average normalised map over the mean face."""
-    fig, axes = plt.subplots(
-        len(mean_maps), len(attributes), figsize=(1.8 * len(attributes), 1.9 * len(mean_maps)), squeeze=False
-    )
-    for row, (method, maps) in enumerate(mean_maps.items()):
-        for column, attribute in enumerate(attributes):
-            axis = axes[row, column]
-            axis.imshow(overlay(mean_face, maps[column]))
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if row == 0:
-                axis.set_title(attribute, fontsize=9)
-            if column == 0:
-                axis.set_ylabel(method, fontsize=9)
+    tiles = [[overlay(mean_face, maps[column]) for column in range(len(attributes))] for maps in mean_maps.values()]
     note = "faces aligned" if aligned else "faces NOT aligned: a mean map blurs over face positions"
-    fig.suptitle(f"Mean relevance per attribute on the test set ({note})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_mosaic(path, tiles, list(mean_maps), attributes, f"Mean relevance per attribute on the test set ({note})")
 
 
 def save_extremes(
@@ -65,26 +86,17 @@ def save_extremes(
 ) -> None:
     """Two rows per attribute: its `n_top` highest-predicted faces with their maps, then the lowest.
 
-    `maps` is (N, A, H, W) relevance, `predictions` (N, A) on the rating scale.
+    `maps` is (N, A, H, W) relevance, `predictions` (N, A) on the rating scale (printed per face).
     """
     n_top = min(n_top, len(images))
-    fig, axes = plt.subplots(2 * len(attributes), n_top, figsize=(1.5 * n_top, 3.0 * len(attributes)), squeeze=False)
-    for column_of_attribute, attribute in enumerate(attributes):
-        order = np.argsort(predictions[:, column_of_attribute])
-        for offset, (label, indices) in enumerate((("highest", order[::-1][:n_top]), ("lowest", order[:n_top]))):
-            row = 2 * column_of_attribute + offset
-            for column, index in enumerate(indices):
-                axis = axes[row, column]
-                axis.imshow(overlay(images[index], maps[index, column_of_attribute]))
-                axis.set_xticks([])
-                axis.set_yticks([])
-                axis.set_title(f"{predictions[index, column_of_attribute]:.2f}", fontsize=7)
-                if column == 0:
-                    axis.set_ylabel(f"{attribute}\n{label}", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    tiles, captions, labels = [], [], []
+    for column, attribute in enumerate(attributes):
+        order = np.argsort(predictions[:, column])
+        for label, indices in (("highest", order[::-1][:n_top]), ("lowest", order[:n_top])):
+            tiles.append([overlay(images[i], maps[i, column]) for i in indices])
+            captions.append([f"{predictions[i, column]:.2f}" for i in indices])
+            labels.append(f"{attribute} {label}")
+    save_mosaic(path, tiles, labels, [], title, captions)
 
 
 def save_deletion_curves(path: Path, curves: dict[str, np.ndarray], random_curve: np.ndarray) -> None:
