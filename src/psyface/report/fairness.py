@@ -2,14 +2,19 @@
 
 For each attribute and each sensitive feature (or declared intersection of features):
 
-- `MetricFrame` per group: count, mean rating, mean prediction, MAE, Pearson r, with bootstrap CIs,
-  and Fairlearn's between-group differences with their CIs;
-- the binarised view (rating above the training median): selection rate, true/false positive rates,
-  demographic parity and equalized odds differences — for the model and for the raters themselves;
+- `MetricFrame` per group: count, mean rating, mean prediction, MAE, Pearson r, and Fairlearn's
+  between-group differences (max − min over groups);
+- the binarised view (rating above the training median): base rate, selection rate, true/false
+  positive rates, demographic parity and equalized odds differences — for the model and for the
+  raters themselves;
 - signed gaps of each group against the reference group (the first declared category): in ratings
   (the raters' bias), in predictions (the model's) and their difference, the bias amplification.
-  Fairlearn's `difference()` is max − min, never below 0, so its CI cannot test "no gap"; the signed
-  gaps get their own stratified bootstrap.
+
+Confidence intervals come from one bootstrap per feature set that resamples whole identities
+within each group, vectorised as replicate weights. Fairlearn's own `n_boot` resamples single
+images (images of one person are not independent) and costs ~0.1 s per replicate per table, which
+the whole audit (hundreds of replicates × dozens of tables) cannot afford; its point values are
+the ones reported.
 
 A gap is flagged when its CI excludes 0 and its size, in rating standard deviations, reaches
 `FlagRule.min_abs_gap_sd`. With `familywise` the flagging CI is Bonferroni-widened over the
@@ -38,6 +43,7 @@ from tqdm import tqdm
 
 GROUP_SEPARATOR = " & "
 GAP_KINDS = ("rating_gap", "prediction_gap", "amplification")
+CI_METRICS = ("mean_rating", "mean_prediction", "mae", "pearson_r")
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,10 @@ def _mae(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(y_true, float) - np.asarray(y_pred, float))))
 
 
+def _base_rate(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(np.mean(y_true))
+
+
 REGRESSION_METRICS: dict[str, Callable] = {
     "count": count,
     "mean_rating": _mean_rating,
@@ -100,7 +110,7 @@ REGRESSION_METRICS: dict[str, Callable] = {
     "pearson_r": pearson_r,
 }
 BINARY_METRICS: dict[str, Callable] = {
-    "base_rate": lambda y_true, y_pred: float(np.mean(y_true)),
+    "base_rate": _base_rate,
     "selection_rate": selection_rate,
     "true_positive_rate": true_positive_rate,
     "false_positive_rate": false_positive_rate,
@@ -122,70 +132,71 @@ def reference_group(categories: dict[str, list[str]], features: list[str], prese
     raise ValueError(f"no declared category of {features} occurs in the audited data")
 
 
-def _frame_rows(frame: MetricFrame) -> pd.DataFrame:
-    """by_group values with `_lo`/`_hi` CI columns (none for counts), indexed by group label."""
-    table = frame.by_group
-    if frame.ci_quantiles:
-        low, high = (ci.drop(columns="count") for ci in (frame.by_group_ci[0], frame.by_group_ci[-1]))
-        table = table.join(low.add_suffix("_lo")).join(high.add_suffix("_hi"))
-    return table
+def cluster_weights(labels: np.ndarray, clusters: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n_rows) bootstrap weights: within each group, whole clusters drawn with replacement.
 
-
-def _cluster_bootstrap_means(
-    values: np.ndarray, clusters: np.ndarray, n_boot: int, rng: np.random.Generator
-) -> np.ndarray:
-    """(n_boot, k) means of the k columns of `values` over clusters resampled with replacement.
-
-    Images of one identity share their traits (and ratings of hidden traits), so resampling whole
-    identities keeps the CI honest; with every row its own cluster this is the plain bootstrap.
+    A row's weight is how often its cluster was drawn, so weighted statistics are the replicates'
+    statistics; with every row its own cluster this is the plain stratified bootstrap.
     """
-    codes, inverse = np.unique(clusters, return_inverse=True)
-    draws = rng.multinomial(len(codes), np.full(len(codes), 1 / len(codes)), size=n_boot)
-    weights = draws[:, inverse].astype(float)  # (n_boot, n_rows): how often each row was drawn
-    return (weights @ values) / weights.sum(axis=1, keepdims=True)
+    weights = np.zeros((n_boot, len(labels)))
+    for group in np.unique(labels):
+        rows = np.flatnonzero(labels == group)
+        codes, inverse = np.unique(clusters[rows], return_inverse=True)
+        draws = rng.multinomial(len(codes), np.full(len(codes), 1 / len(codes)), size=n_boot)
+        weights[:, rows] = draws[:, inverse]
+    return weights
 
 
-def bootstrap_gaps(
-    ratings: np.ndarray,
-    predictions: np.ndarray,
-    labels: np.ndarray,
-    clusters: np.ndarray,
-    reference: str,
-    scale: float,
-    n_boot: int,
-    ci: float,
-    rng: np.random.Generator,
-) -> list[dict]:
-    """Signed gaps (group − reference) in ratings, predictions and their difference, with percentile CIs.
+def weighted_statistics(weights: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, np.ndarray]:
+    """Per replicate (row of `weights`): mean rating, mean prediction, MAE and Pearson r."""
+    total = weights.sum(axis=1)
 
-    Resampling is stratified by group and clustered (`clusters`, e.g. identities), so every replicate
-    keeps every group. Gaps are also given in units of `scale` (the rating standard deviation).
-    """
-    both = np.column_stack([ratings, predictions]).astype(float)
+    def mean(values: np.ndarray) -> np.ndarray:
+        return weights @ values / total
+
+    mean_true, mean_pred = mean(y_true), mean(y_pred)
+    covariance = mean(y_true * y_pred) - mean_true * mean_pred
+    spread = np.sqrt(np.clip(mean(y_true**2) - mean_true**2, 0, None) * np.clip(mean(y_pred**2) - mean_pred**2, 0, None))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        correlation = np.where(spread > 0, covariance / spread, np.nan)
+    return {"mean_rating": mean_true, "mean_prediction": mean_pred, "mae": mean(np.abs(y_true - y_pred)),
+            "pearson_r": correlation}
+
+
+def interval(replicates: np.ndarray, ci: float) -> tuple[float, float]:
+    """Percentile interval, ignoring replicates where the statistic is undefined (NaN)."""
     tail = (1 - ci) / 2
+    finite = replicates[np.isfinite(replicates)]
+    if len(finite) == 0:
+        return float("nan"), float("nan")
+    low, high = np.quantile(finite, [tail, 1 - tail])
+    return float(low), float(high)
 
-    def group_means(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return both[mask].mean(axis=0), _cluster_bootstrap_means(both[mask], clusters[mask], n_boot, rng)
 
-    reference_mask = labels == reference
-    reference_mean, reference_boot = group_means(reference_mask)
+def signed_gaps(
+    boot: dict[str, dict[str, np.ndarray]], point: pd.DataFrame, reference: str, scale: float, ci: float
+) -> list[dict]:
+    """Gaps (group − reference) in ratings, predictions and their difference, with CIs at `ci`.
+
+    `boot[group][metric]` are replicate values, `point` the MetricFrame by-group table; gaps are
+    also given in units of `scale` (the rating standard deviation).
+    """
     rows = []
-    for group in sorted(set(labels) - {reference}):
-        mask = labels == group
-        mean, boot = group_means(mask)
-        gap, gap_boot = mean - reference_mean, boot - reference_boot
-        estimates = {
-            "rating_gap": (gap[0], gap_boot[:, 0]),
-            "prediction_gap": (gap[1], gap_boot[:, 1]),
-            "amplification": (gap[1] - gap[0], gap_boot[:, 1] - gap_boot[:, 0]),
-        }
-        row: dict = {"group": group, "reference": reference, "n_group": int(mask.sum()),
-                     "n_reference": int(reference_mask.sum()), "ci_level": ci}
+    for group in point.index:
+        if group == reference:
+            continue
+        estimates = {}
+        for kind, metric in (("rating_gap", "mean_rating"), ("prediction_gap", "mean_prediction")):
+            estimates[kind] = (point.loc[group, metric] - point.loc[reference, metric],
+                               boot[group][metric] - boot[reference][metric])
+        estimates["amplification"] = (estimates["prediction_gap"][0] - estimates["rating_gap"][0],
+                                      estimates["prediction_gap"][1] - estimates["rating_gap"][1])
+        row: dict = {"group": group, "reference": reference, "n_group": int(point.loc[group, "count"]),
+                     "n_reference": int(point.loc[reference, "count"]), "ci_level": ci}
         for kind, (value, replicates) in estimates.items():
-            low, high = np.quantile(replicates, [tail, 1 - tail])
-            row |= {kind: float(value), f"{kind}_lo": float(low), f"{kind}_hi": float(high),
-                    f"{kind}_sd": float(value / scale), f"{kind}_sd_lo": float(low / scale),
-                    f"{kind}_sd_hi": float(high / scale)}
+            low, high = interval(replicates, ci)
+            row |= {kind: float(value), f"{kind}_lo": low, f"{kind}_hi": high, f"{kind}_sd": float(value / scale),
+                    f"{kind}_sd_lo": low / scale, f"{kind}_sd_hi": high / scale}
         rows.append(row)
     return rows
 
@@ -200,6 +211,53 @@ def feature_sets(sensitive_features: Iterable[str], intersections: Iterable[list
     return [[feature] for feature in sensitive_features] + [list(combo) for combo in intersections]
 
 
+def audit_table(
+    attribute: str, name: str, labels: pd.Series, weights: np.ndarray, data: AuditData, reference: str,
+    rule: FlagRule, flag_ci: float,
+) -> tuple[pd.DataFrame, dict, list[dict]]:
+    """One attribute × feature set: (per-group table, summary row, gap rows)."""
+    y_true = data.ratings[attribute].to_numpy(float)
+    y_pred = data.predictions[attribute].to_numpy(float)
+    features = labels.rename(name)
+    regression = MetricFrame(metrics=REGRESSION_METRICS, y_true=y_true, y_pred=y_pred, sensitive_features=features)
+    true_bin, pred_bin = y_true > data.medians[attribute], y_pred > data.medians[attribute]
+    binary = MetricFrame(metrics=BINARY_METRICS, y_true=true_bin, y_pred=pred_bin, sensitive_features=features)
+
+    point = regression.by_group
+    boot = {group: weighted_statistics(weights[:, (labels == group).to_numpy()],
+                                       y_true[labels == group], y_pred[labels == group]) for group in point.index}
+    table = point.copy()
+    for metric in CI_METRICS:
+        bounds = [interval(boot[group][metric], rule.ci) for group in point.index]
+        table[f"{metric}_lo"], table[f"{metric}_hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
+    table = table.join(binary.by_group)
+    table.index.name = "group"
+
+    summary: dict = {"attribute": attribute, "feature": name, "n": int(len(y_true))}
+    difference = regression.difference()
+    for metric in CI_METRICS:
+        spread = np.stack([boot[group][metric] for group in point.index])
+        low, high = interval(spread.max(axis=0) - spread.min(axis=0), rule.ci)
+        summary |= {f"{metric}_difference": float(difference[metric]), f"{metric}_difference_lo": low,
+                    f"{metric}_difference_hi": high}
+    summary |= {
+        "median_threshold": float(data.medians[attribute]),
+        "demographic_parity_difference": demographic_parity_difference(true_bin, pred_bin, sensitive_features=labels),
+        "equalized_odds_difference": equalized_odds_difference(true_bin, pred_bin, sensitive_features=labels),
+        "rating_demographic_parity_difference": demographic_parity_difference(true_bin, true_bin, sensitive_features=labels),
+    }
+
+    scale = float(np.std(y_true)) or 1.0
+    gaps = signed_gaps(boot, point, reference, scale, flag_ci)
+    for row in gaps:
+        for kind in GAP_KINDS:
+            row[f"{kind}_flag"] = flag(row[f"{kind}_sd"], row[f"{kind}_sd_lo"], row[f"{kind}_sd_hi"], rule)
+    for kind in GAP_KINDS:
+        summary[f"{kind}_flag"] = any(row[f"{kind}_flag"] for row in gaps)
+    summary["flagged"] = any(summary[f"{kind}_flag"] for kind in GAP_KINDS)
+    return table.reset_index(), summary, gaps
+
+
 def audit(
     data: AuditData,
     features: list[list[str]],
@@ -208,64 +266,26 @@ def audit(
     seed: int,
     progress: bool = True,
 ) -> AuditResult:
-    """The whole audit: every attribute × feature set, with seeded bootstraps."""
-    quantiles = [(1 - rule.ci) / 2, 1 - (1 - rule.ci) / 2]
+    """The whole audit: every attribute × feature set; one seeded identity bootstrap per feature set."""
     rng = np.random.default_rng(seed)
-    labels_by_set = {GROUP_SEPARATOR.join(combo): group_labels(data.sensitive, combo) for combo in features}
-    comparisons = sum(labels.nunique() - 1 for labels in labels_by_set.values())
-    flag_ci = rule.flag_ci(comparisons)
     clusters = (data.clusters if data.clusters is not None else pd.Series(range(len(data.ratings)))).to_numpy()
-    group_rows, summary_rows, gap_rows = [], [], []
-    jobs = [(attribute, combo) for attribute in data.ratings.columns for combo in features]
-    for attribute, combo in tqdm(jobs, desc="bias audit (bootstrap)", unit="table", disable=not progress):
-        name = GROUP_SEPARATOR.join(combo)
-        labels = labels_by_set[name]
-        y_true = data.ratings[attribute].to_numpy(float)
-        y_pred = data.predictions[attribute].to_numpy(float)
-        regression = MetricFrame(
-            metrics=REGRESSION_METRICS, y_true=y_true, y_pred=y_pred, sensitive_features=labels.rename(name),
-            n_boot=n_boot, ci_quantiles=quantiles, random_state=seed,
-        )
-        true_bin = y_true > data.medians[attribute]
-        pred_bin = y_pred > data.medians[attribute]
-        binary = MetricFrame(
-            metrics=BINARY_METRICS, y_true=true_bin, y_pred=pred_bin, sensitive_features=labels.rename(name)
-        )
-        table = _frame_rows(regression).join(_frame_rows(binary))
-        table.index.name = "group"
-        group_rows.append(table.reset_index().assign(attribute=attribute, feature=name))
-
-        scale = float(np.std(y_true)) or 1.0
-        reference = reference_group(data.categories, combo, labels)
-        gaps = bootstrap_gaps(y_true, y_pred, labels.to_numpy(), clusters, reference, scale, n_boot, flag_ci, rng)
-        for row in gaps:
-            for kind in GAP_KINDS:
-                row[f"{kind}_flag"] = flag(row[f"{kind}_sd"], row[f"{kind}_lo"], row[f"{kind}_hi"], rule)
-        gap_rows.extend({"attribute": attribute, "feature": name} | row for row in gaps)
-
-        summary = {"attribute": attribute, "feature": name, "n": int(len(y_true))}
-        difference = regression.difference()
-        low, high = regression.difference_ci()
-        for metric in ("mean_rating", "mean_prediction", "mae", "pearson_r"):
-            summary |= {f"{metric}_difference": float(difference[metric]),
-                        f"{metric}_difference_lo": float(low[metric]), f"{metric}_difference_hi": float(high[metric])}
-        summary |= {
-            "median_threshold": float(data.medians[attribute]),
-            "demographic_parity_difference": demographic_parity_difference(true_bin, pred_bin, sensitive_features=labels),
-            "equalized_odds_difference": equalized_odds_difference(true_bin, pred_bin, sensitive_features=labels),
-            "rating_demographic_parity_difference": demographic_parity_difference(
-                true_bin, true_bin, sensitive_features=labels
-            ),
-        }
-        for kind in GAP_KINDS:
-            summary[f"{kind}_flag"] = any(row[f"{kind}_flag"] for row in gaps)
-        summary["flagged"] = any(summary[f"{kind}_flag"] for kind in GAP_KINDS)
+    combos = {GROUP_SEPARATOR.join(combo): combo for combo in features}
+    labels = {name: group_labels(data.sensitive, combo) for name, combo in combos.items()}
+    references = {name: reference_group(data.categories, combo, labels[name]) for name, combo in combos.items()}
+    flag_ci = rule.flag_ci(sum(values.nunique() - 1 for values in labels.values()))
+    weights = {name: cluster_weights(values.to_numpy(), clusters, n_boot, rng) for name, values in labels.items()}
+    group_tables, summary_rows, gap_rows = [], [], []
+    jobs = [(attribute, name) for attribute in data.ratings.columns for name in labels]
+    for attribute, name in tqdm(jobs, desc="report: bias audit (bootstrap)", unit="table", disable=not progress):
+        table, summary, gaps = audit_table(attribute, name, labels[name], weights[name], data, references[name],
+                                           rule, flag_ci)
+        group_tables.append(table.assign(attribute=attribute, feature=name))
         summary_rows.append(summary)
-
+        gap_rows.extend({"attribute": attribute, "feature": name} | row for row in gaps)
     lead = ["attribute", "feature"]
-    groups = pd.concat(group_rows, ignore_index=True)
+    groups = pd.concat(group_tables, ignore_index=True)
     return AuditResult(
-        groups=groups[lead + [c for c in groups.columns if c not in lead]],
+        groups=groups[lead + [column for column in groups.columns if column not in lead]],
         summary=pd.DataFrame(summary_rows),
         gaps=pd.DataFrame(gap_rows),
     )

@@ -54,15 +54,16 @@ def embedding_panels(coordinates: np.ndarray, colours: pd.DataFrame, title: str)
 
 
 def learning_curves(curves: pd.DataFrame) -> bytes:
-    """One panel per metric family (loss, r, ...): every `step`-indexed column drawn against step."""
-    metrics = [column for column in curves.columns if column != "step"]
+    """Losses in one panel, validation correlations in the other, against epoch."""
+    metrics = [column for column in curves.columns if column != "epoch"]
     families: dict[str, list[str]] = {}
     for metric in metrics:
-        families.setdefault(metric.split("_")[-1], []).append(metric)
-    figure, axes = _grid(len(families), columns=3)
+        family = "loss" if metric.endswith("_loss") else "validation r"
+        families.setdefault(family, []).append(metric)
+    figure, axes = _grid(len(families), columns=2)
     for axis, (family, members) in zip(axes, families.items()):
         for metric in members:
-            axis.plot(curves["step"], curves[metric], marker=".", label=metric)
+            axis.plot(curves["epoch"], curves[metric], marker=".", label=metric)
         axis.set_xlabel("epoch")
         axis.set_title(family)
         axis.legend(fontsize=7)

@@ -1,10 +1,11 @@
 """The `report` stage: manifold view, bias audit and the one self-contained HTML report.
 
 Reads (declared in dvc.yaml): params.yaml `report:`, data/dataset.yaml, artifacts/prepared/,
-artifacts/train/run.json (and through it the MLflow run and model), reports/metrics.json,
+artifacts/train/run.json (and through it the MLflow run and model), artifacts/train/history.csv,
+reports/metrics.json,
 reports/validation/summary.json, reports/explain/.
 Writes: reports/index.html, reports/manifold/, reports/fairness/, reports/report_metrics.json,
-reports/plots/ (learning curves and per-attribute r for `dvc plots`); logs the same into the run.
+reports/plots/attribute_r.csv (per-attribute r for `dvc plots`); logs the same into the run.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ EXPLAIN_DIR = Path("reports/explain")
 REPORT_HTML = Path("reports/index.html")
 MANIFOLD_DIR = Path("reports/manifold")
 FAIRNESS_DIR = Path("reports/fairness")
-PLOTS_DIR = Path("reports/plots")
+ATTRIBUTE_R = Path("reports/plots/attribute_r.csv")  # for `dvc plots`
 REPORT_METRICS = Path("reports/report_metrics.json")
 FEATURE_SETS = ("penultimate", "predictions")
 
@@ -78,6 +79,12 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def read_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise PsyfaceError(f"{path} not found: run the stage that writes it first (`dvc repro`)")
+    return pd.read_csv(path)
+
+
 def features_and_predictions(net: Any, model_spec: Any, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """One forward pass: penultimate features (the inputs of every head's last layer, concatenated
     for per-attribute ensembles) and predictions on the rating scale."""
@@ -101,21 +108,6 @@ def features_and_predictions(net: Any, model_spec: Any, images: np.ndarray, batc
             hook.remove()
     features = np.concatenate([np.concatenate(captured[id(head)]) for head in heads], axis=1)
     return features, predictions
-
-
-def learning_curves(run_id: str) -> pd.DataFrame:
-    """Every metric the run logged at more than one step, one column each, indexed by step."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    series = {}
-    for name in sorted(client.get_run(run_id).data.metrics):
-        history = client.get_metric_history(run_id, name)
-        if len(history) > 1:
-            series[name] = pd.Series({point.step: point.value for point in history})
-    if not series:
-        return pd.DataFrame({"step": []})
-    return pd.DataFrame(series).rename_axis("step").reset_index()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +269,8 @@ def build_page(
     content.summaries["data"] = [f"{len(table)} rated faces, {len(attributes)} attributes; "
                                  f"sensitive features: {', '.join(spec.sensitive_features) or 'none'}."]
     content.tables["data"] = [*data_summary(table, spec, attributes), html.key_value_table("Validation outcome", validation)]
-    content.figures["training"] = [html.Figure("Learning curves", plots.learning_curves(curves))] if len(curves) else []
-    content.summaries["training"] = [] if len(curves) else ["The training run logged no per-epoch metrics."]
+    content.figures["training"] = [html.Figure("Learning curves", plots.learning_curves(curves),
+                                               f"{len(curves)} epochs; validation r per attribute")]
     content.figures["accuracy"] = [html.Figure("Test Pearson r per attribute", plots.accuracy_against_ceiling(accuracy),
                                                "ceiling = sqrt(split-half reliability of the mean ratings)")]
     content.tables["accuracy"] = [html.Table("Accuracy", accuracy)]
@@ -355,6 +347,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     parse_args(argv)
     from psyface import tracking
+    from psyface.train import HISTORY_FILE
 
     params = load_section("report", ReportParams)
     unknown = sorted(set(params.manifold.feature_sets) - set(FEATURE_SETS))
@@ -376,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         audit_data(table, predictions, spec, attributes, params.fairness.splits),
         fairness.feature_sets(spec.sensitive_features, spec.intersections), rule, params.fairness.n_boot, params.seed,
     )
-    curves = learning_curves(run.run_id)
+    curves = read_csv(HISTORY_FILE)
     accuracy = accuracy_table(read_json(EVALUATE_METRICS), spec, attributes)
     champion = tracking.alias_version(run.model_name, tracking.CHAMPION)
     lineage = {**tracking.git_tags(), "data.md5": tracking.data_hash(), **asdict(run),
@@ -400,8 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                                "summary": audit.summary.to_dict("records"), "gaps": audit.gaps.to_dict("records"),
                                "groups": audit.groups.to_dict("records")}),
     })
-    write_files(PLOTS_DIR, {"learning_curves.csv": curves.to_csv(index=False),
-                               "attribute_r.csv": accuracy.to_csv(index=False)})
+    write_text(ATTRIBUTE_R, accuracy.to_csv(index=False))
     write_text(REPORT_METRICS, to_json(metrics))
     write_text(REPORT_HTML, html.render(content))
 
