@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 import psyface
+from factories import make_dataset
+from psyface.dataset.layout import DatasetSpec
 from psyface.dataset.synth import SynthConfig, generate
 
 SRC = Path(psyface.__file__).resolve().parents[1]
@@ -34,3 +36,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     environment = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
     return subprocess.run([sys.executable, "-m", "psyface.cli", *args], cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty project folder as the current directory (stages use relative paths)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_dataset(workdir: Path) -> DatasetSpec:
+    """data/ with 6 valid rows of 40 px cartoon faces (tests/factories.py); validate defaults in params.yaml."""
+    (workdir / "params.yaml").write_text("validate:\n  on_bad_rows: fail\n  min_image_side: 32\n")
+    return make_dataset(workdir / "data", rows=6)

@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("psyface.dataset.synth", "generate the deterministic synthetic face dataset"),
     "split": ("psyface.split", "stage: assign ids to train/val/test"),
     "prepare": ("psyface.prepare", "stage: decode and resize every image once into an array"),
+    "validate": ("psyface.validate", "stage: check data/ against dataset.yaml (reports, quarantine)"),
+    "import": ("psyface.dataset.importers", "convert a rated face collection (generic table, us10k) into data/"),
 }
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import pandas as pd
 
+from psyface.errors import PsyfaceError
+
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` for a temporary sibling of `path`, then rename it into place."""
@@ -41,6 +43,23 @@ def replace_dir_atomic(path: Path, fill: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def read_csv_checked(path: Path, **read_csv_options: Any) -> pd.DataFrame:
+    """`pd.read_csv` whose every failure (missing, not UTF-8, empty, unparsable) names the file."""
+    if not path.is_file():
+        raise PsyfaceError(f"table {path} not found")
+    try:
+        return pd.read_csv(path, encoding="utf-8", **read_csv_options)
+    except UnicodeDecodeError as error:
+        raise PsyfaceError(
+            f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            "re-save it as UTF-8"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise PsyfaceError(f"{path} is empty: expected a header line and one row per image") from None
+    except pd.errors.ParserError as error:
+        raise PsyfaceError(f"cannot parse {path}: {error}") from None
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> Path:

@@ -25,6 +25,7 @@ import yaml
 
 from psyface.config import from_dict, read_yaml
 from psyface.errors import PsyfaceError
+from psyface.io import read_csv_checked
 
 DATASET_FILE = "dataset.yaml"
 DATA_DIR = Path("data")  # the DVC-tracked dataset every stage reads (data.dvc)
@@ -114,12 +115,7 @@ class DatasetSpec:
     def read_ratings(self) -> pd.DataFrame:
         """The ratings table with ids as strings; a missing file or id column is a clear error."""
         path = self.ratings_path
-        if not path.is_file():
-            raise PsyfaceError(f"ratings table {path} not found")
-        try:
-            table = pd.read_csv(path, dtype={self.id_column: str}, keep_default_na=True)
-        except (UnicodeDecodeError, pd.errors.ParserError) as error:
-            raise PsyfaceError(f"cannot read ratings table {path}: {error}") from None
+        table = read_csv_checked(path, dtype={self.id_column: str}, keep_default_na=True)
         if self.id_column not in table.columns:
             raise PsyfaceError(
                 f"{path}: id column {self.id_column!r} missing; columns found: {list(table.columns)}"
