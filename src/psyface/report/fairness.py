@@ -17,9 +17,9 @@ the whole audit (hundreds of replicates × dozens of tables) cannot afford; its 
 the ones reported.
 
 A gap is flagged when its CI excludes 0 and its size, in rating standard deviations, reaches
-`FlagRule.min_abs_gap_sd`. With `familywise` the flagging CI is Bonferroni-widened over the
-comparisons made for one attribute, so a bias-free attribute is unlikely to be flagged by chance
-across its many groups and intersections.
+`FlagRule.min_abs_gap_sd`. With `familywise` the flagging CI is Bonferroni-widened over every
+comparison of the audit (attributes × groups against their reference), so attributes without a
+gap are unlikely to be flagged by chance across the many groups and intersections.
 """
 
 from __future__ import annotations
@@ -272,7 +272,8 @@ def audit(
     combos = {GROUP_SEPARATOR.join(combo): combo for combo in features}
     labels = {name: group_labels(data.sensitive, combo) for name, combo in combos.items()}
     references = {name: reference_group(data.categories, combo, labels[name]) for name, combo in combos.items()}
-    flag_ci = rule.flag_ci(sum(values.nunique() - 1 for values in labels.values()))
+    comparisons = len(data.ratings.columns) * sum(values.nunique() - 1 for values in labels.values())
+    flag_ci = rule.flag_ci(comparisons)
     weights = {name: cluster_weights(values.to_numpy(), clusters, n_boot, rng) for name, values in labels.items()}
     group_tables, summary_rows, gap_rows = [], [], []
     jobs = [(attribute, name) for attribute in data.ratings.columns for name in labels]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE, trustworthiness
 from sklearn.metrics import r2_score
 from sklearn.model_selection import GroupKFold, KFold, cross_val_predict
@@ -34,8 +35,10 @@ class EmbeddingParams:
     """Seeded settings of both methods (UMAP defaults follow Xiao 2024: 40 neighbours, min_dist 0.1)."""
 
     tsne_perplexity: float = 30.0
+    tsne_max_iter: int = 500
     umap_n_neighbors: int = 40
     umap_min_dist: float = 0.1
+    pca_components: int = 50  # wider features are reduced first (the usual t-SNE practice; faster)
     seed: int = 42
 
 
@@ -50,9 +53,13 @@ def embed_2d(features: np.ndarray, method: Method, params: EmbeddingParams) -> n
     """2-D coordinates (n, 2) of standardised `features` by t-SNE or UMAP, deterministic given the seed."""
     points = standardise(features)
     n = len(points)
+    components = min(params.pca_components, n)
+    if points.shape[1] > components:
+        points = PCA(n_components=components, random_state=params.seed).fit_transform(points)
     if method == "tsne":
         perplexity = min(params.tsne_perplexity, (n - 1) / 3)
-        model = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=params.seed)
+        model = TSNE(n_components=2, perplexity=perplexity, max_iter=params.tsne_max_iter, init="pca",
+                     random_state=params.seed)
         return model.fit_transform(points)
     if method == "umap":
         import umap  # slow import (numba); only when asked

@@ -44,8 +44,10 @@ class ManifoldParams:
     feature_sets: list[str] = field(default_factory=lambda: list(FEATURE_SETS))
     methods: list[str] = field(default_factory=lambda: ["tsne", "umap"])
     tsne_perplexity: float = 30.0
+    tsne_max_iter: int = 500
     umap_n_neighbors: int = 40  # Xiao (2024)
     umap_min_dist: float = 0.1  # Xiao (2024)
+    pca_components: int = 50
     trustworthiness_k: int = 10
     knn_k: int = 10
     cv_folds: int = 5
@@ -126,7 +128,8 @@ def manifold_view(
     params: ManifoldParams, seed: int,
 ) -> ManifoldResult:
     """Embed each feature set with each method; plot and score every embedding."""
-    settings = manifold.EmbeddingParams(params.tsne_perplexity, params.umap_n_neighbors, params.umap_min_dist, seed)
+    settings = manifold.EmbeddingParams(params.tsne_perplexity, params.tsne_max_iter, params.umap_n_neighbors,
+                                        params.umap_min_dist, params.pca_components, seed)
     colours = table[attributes + list(spec.sensitive_features) + ["split"]]
     scored = table["split"].isin(params.score_splits).to_numpy()
     groups = table[spec.identity_column].to_numpy() if spec.identity_column in table else None
@@ -238,7 +241,7 @@ def data_summary(table: pd.DataFrame, spec: DatasetSpec, attributes: list[str]) 
 
 def explanation_figures(folder: Path) -> list[html.Figure]:
     return [html.Figure(path.stem.replace("_", " "), path.read_bytes(), str(path.relative_to(folder)))
-            for path in sorted(folder.rglob("*.png"))]
+            for path in sorted(folder.glob("*.png"))]
 
 
 def fairness_tables(audit: fairness.AuditResult) -> list[html.Table]:
@@ -287,7 +290,7 @@ def build_page(
     content.summaries["fairness"] = [
         f"Audited: {'/'.join(rule.splits)} faces. A gap (group − reference group, in SDs of the rating) is "
         f"flagged when its bootstrap CI (nominal {rule.ci:.0%}"
-        f"{', Bonferroni-widened per attribute' if rule.familywise else ''}; {rule.n_boot} resamples of identities) "
+        f"{', Bonferroni-widened over all comparisons' if rule.familywise else ''}; {rule.n_boot} resamples of identities) "
         f"excludes 0 and |gap| ≥ {rule.min_abs_gap_sd} SD. Rating gap = the raters' bias, prediction gap = the "
         "model's, amplification = prediction gap − rating gap (does the model widen the raters' bias?). "
         "Binarised view: rating above the training median."
@@ -385,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         **{f"{figure.title.replace(' ', '_')}.png": figure.png for figure in result.figures},
     })
     write_files(FAIRNESS_DIR, {
+        "predictions.csv": pd.concat([table[["id", "split"]], predictions.add_prefix("predicted_")], axis=1)
+        .to_csv(index=False),
         "groups.csv": audit.groups.to_csv(index=False),
         "summary.csv": audit.summary.to_csv(index=False),
         "gaps.csv": audit.gaps.to_csv(index=False),
