@@ -54,13 +54,17 @@ def embedding_panels(coordinates: np.ndarray, colours: pd.DataFrame, title: str)
 
 
 def learning_curves(curves: pd.DataFrame) -> bytes:
-    """Losses in one panel, validation correlations in the other, against epoch."""
-    metrics = [column for column in curves.columns if column != "epoch"]
+    """Losses in one panel, correlations (`*_r`, `*_r_<attribute>`) in another, anything else alone."""
     families: dict[str, list[str]] = {}
-    for metric in metrics:
-        family = "loss" if metric.endswith("_loss") else "validation r"
+    for metric in (column for column in curves.columns if column != "epoch"):
+        if metric.endswith("_loss"):
+            family = "loss"
+        elif metric.endswith("_r") or "_r_" in metric:
+            family = "correlation"
+        else:
+            family = metric
         families.setdefault(family, []).append(metric)
-    figure, axes = _grid(len(families), columns=2)
+    figure, axes = _grid(len(families), columns=3)
     for axis, (family, members) in zip(axes, families.items()):
         for metric in members:
             axis.plot(curves["epoch"], curves[metric], marker=".", label=metric)
