@@ -218,16 +218,18 @@ def test_mlflow_ui_shows_the_run_metrics_and_the_champion(project: Path, chromiu
         model = get_json(f"{base}/ajax-api/2.0/mlflow/registered-models/get?name={MODEL_NAME}")["registered_model"]
         assert {"alias": "champion", "version": run["model_version"]} in model["aliases"]
 
-        # As a person would see it: the model page rendered by the UI names the champion alias.
-        url = f"{base}/#/models/{MODEL_NAME}"
-        dom = headless(chromium, "--virtual-time-budget=15000", "--dump-dom", url, tmp_path=tmp_path)
-        assert "champion" in dom
+        # As a person would see them: the run page lists the report's metrics next to training's,
+        # the model page shows the champion alias.
+        run_url = f"{base}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}"
+        model_url = f"{base}/#/models/{MODEL_NAME}"
         ARTIFACTS.mkdir(exist_ok=True)
-        headless(chromium, "--virtual-time-budget=15000", "--window-size=1280,900",
-                 f"--screenshot={ARTIFACTS / 'mlflow-model.png'}", url, tmp_path=tmp_path)
-        run_url = f"{base}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}/model-metrics"
-        headless(chromium, "--virtual-time-budget=15000", "--window-size=1280,900",
-                 f"--screenshot={ARTIFACTS / 'mlflow-run.png'}", run_url, tmp_path=tmp_path)
+        for name, url, expected in (("run", run_url, ["report.fairness.flags", "val_loss"]),
+                                    ("model", model_url, ["champion", "candidate"])):
+            dom = headless(chromium, "--virtual-time-budget=15000", "--dump-dom", url, tmp_path=tmp_path)
+            for text in expected:
+                assert text in dom, f"{text!r} not shown on the MLflow {name} page"
+            headless(chromium, "--virtual-time-budget=15000", "--window-size=1280,1400",
+                     f"--screenshot={ARTIFACTS / f'mlflow-{name}.png'}", url, tmp_path=tmp_path)
     finally:
         server.terminate()
         server.wait(timeout=30)
