@@ -17,16 +17,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
+from psyface import tracking
 from psyface.config import load_section
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
-from psyface.io import replace_dir_atomic, write_atomic
+from psyface.io import read_csv_checked, replace_dir_atomic, write_atomic
+from psyface.model import AttributeNet, ModelSpec, predict_ratings
 from psyface.prepare import PREPARED_DIR, load_prepared
 from psyface.report import fairness, html, manifold, plots
+from psyface.train import HISTORY_FILE
 
 EVALUATE_METRICS = Path("reports/metrics.json")
 VALIDATION_SUMMARY = Path("reports/validation/summary.json")
@@ -81,28 +86,22 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def read_csv(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise PsyfaceError(f"{path} not found: run the stage that writes it first (`dvc repro`)")
-    return pd.read_csv(path)
-
-
-def features_and_predictions(net: Any, model_spec: Any, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def features_and_predictions(
+    net: torch.nn.Module, model_spec: ModelSpec, images: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One forward pass: penultimate features (the inputs of every head's last layer, concatenated
     for per-attribute ensembles) and predictions on the rating scale."""
-    from psyface.model import AttributeNet, predict_ratings
-
     heads = [module.last_layer for module in net.modules() if isinstance(module, AttributeNet)]
     captured: dict[int, list[np.ndarray]] = {id(head): [] for head in heads}
 
-    def capture(module: Any, inputs: tuple, output: Any) -> None:
+    def capture(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         captured[id(module)].append(inputs[0].detach().float().cpu().numpy())
 
     hooks = [head.register_forward_hook(capture) for head in heads]
     try:
         chunk = batch_size * 4
         predictions = np.concatenate([
-            predict_ratings(net, model_spec, np.asarray(images[start:start + chunk]), batch_size)
+            predict_ratings(net, model_spec, np.array(images[start:start + chunk]), batch_size)
             for start in tqdm(range(0, len(images), chunk), desc="report: features", unit="chunk")
         ])
     finally:
@@ -347,9 +346,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     parse_args(argv)
-    from psyface import tracking
-    from psyface.train import HISTORY_FILE
-
     params = load_section("report", ReportParams)
     unknown = sorted(set(params.manifold.feature_sets) - set(FEATURE_SETS))
     if unknown:
@@ -370,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         audit_data(table, predictions, spec, attributes, params.fairness.splits),
         fairness.feature_sets(spec.sensitive_features, spec.intersections), rule, params.fairness.n_boot, params.seed,
     )
-    curves = read_csv(HISTORY_FILE)
+    curves = read_csv_checked(HISTORY_FILE)
     accuracy = accuracy_table(read_json(EVALUATE_METRICS), spec, attributes)
     champion = tracking.alias_version(run.model_name, tracking.CHAMPION)
     lineage = {**tracking.git_tags(), "data.md5": tracking.data_hash(), **asdict(run),
@@ -401,8 +397,6 @@ def main(argv: list[str] | None = None) -> int:
     write_text(REPORT_HTML, html.render(content))
 
     with tracking.open_run(run.run_id, run.tracking_uri):
-        import mlflow
-
         mlflow.log_metrics({key: float(value) for key, value in html.flatten(metrics).items()
                             if isinstance(value, int | float) and np.isfinite(value)})
         mlflow.log_artifact(str(REPORT_HTML), "report")
