@@ -80,10 +80,10 @@ def stand_in_outputs(project: Path) -> None:
     reports = project / "reports"
     (reports / "validation").mkdir(parents=True)
     (reports / "validation" / "summary.json").write_text(json.dumps({"rows": len(ratings), "passed": True}))
-    (reports / "explain").mkdir()
+    (reports / "explain" / "figures").mkdir(parents=True)
     (reports / "explain" / "metrics.json").write_text(json.dumps({"gradcam": {"happy": {"localisation": 0.5}}}))
     grid = plots.accuracy_against_ceiling(pd.DataFrame({"attribute": ["happy"], "pearson_r": [0.3], "ceiling": [0.9]}))
-    (reports / "explain" / "gradcam_grid.png").write_bytes(grid)
+    (reports / "explain" / "figures" / "gradcam_grid.png").write_bytes(grid)
     attributes = [c for c in ratings.columns if c not in ("id", "identity", "group", "gender", "age_band", "expression")]
     metrics = {"evaluate": {"test": {name: {"pearson_r": 0.25} for name in attributes}}}
     (reports / "metrics.json").write_text(json.dumps(metrics))

@@ -2,8 +2,7 @@
 
 Reads (declared in dvc.yaml): params.yaml `report:`, data/dataset.yaml, artifacts/prepared/,
 artifacts/train/run.json (and through it the MLflow run and model), artifacts/train/history.csv,
-reports/metrics.json,
-reports/validation/summary.json, reports/explain/.
+reports/metrics.json, reports/validation/summary.json, reports/explain/{metrics.json,figures/}.
 Writes: reports/index.html, reports/manifold/, reports/fairness/, reports/report_metrics.json,
 reports/plots/attribute_r.csv (per-attribute r for `dvc plots`); logs the same into the run.
 """
@@ -27,6 +26,8 @@ from psyface import tracking
 from psyface.config import load_section
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
+from psyface.explain.stage import FIGURES_DIR as EXPLAIN_FIGURES
+from psyface.explain.stage import METRICS_FILE as EXPLAIN_METRICS
 from psyface.io import read_csv_checked, replace_dir_atomic, write_atomic
 from psyface.model import AttributeNet, ModelSpec, predict_ratings
 from psyface.prepare import PREPARED_DIR, load_prepared
@@ -35,7 +36,6 @@ from psyface.train import HISTORY_FILE
 
 EVALUATE_METRICS = Path("reports/metrics.json")
 VALIDATION_SUMMARY = Path("reports/validation/summary.json")
-EXPLAIN_DIR = Path("reports/explain")
 REPORT_HTML = Path("reports/index.html")
 MANIFOLD_DIR = Path("reports/manifold")
 FAIRNESS_DIR = Path("reports/fairness")
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     lineage = {**tracking.git_tags(), "data.md5": tracking.data_hash(), **asdict(run),
                "champion_version": champion.version if champion else "none"}
     content = build_page(spec, table, attributes, read_json(VALIDATION_SUMMARY), curves, accuracy,
-                         read_json(EXPLAIN_DIR / "metrics.json"), explanation_figures(EXPLAIN_DIR), result, audit,
+                         read_json(EXPLAIN_METRICS), explanation_figures(EXPLAIN_FIGURES), result, audit,
                          params, lineage)
     metrics = report_metrics(result.numbers, audit)
 
