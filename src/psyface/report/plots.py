@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -34,18 +35,25 @@ def _grid(n_panels: int, columns: int = 4) -> tuple[plt.Figure, list[plt.Axes]]:
 
 
 def embedding_panels(coordinates: np.ndarray, colours: pd.DataFrame, title: str) -> bytes:
-    """One scatter per column of `colours`: numeric columns on a continuous map, others by category."""
+    """One scatter per column of `colours`: numeric columns on a continuous map, others by category.
+
+    Points are drawn in one fixed random order, so no category is hidden under the one drawn last.
+    """
+    order = np.random.default_rng(0).permutation(len(coordinates))
+    x, y = coordinates[order, 0], coordinates[order, 1]
     figure, axes = _grid(len(colours.columns))
     for axis, column in zip(axes, colours.columns):
-        values = colours[column]
+        values = colours[column].iloc[order]
         if pd.api.types.is_numeric_dtype(values):
-            points = axis.scatter(coordinates[:, 0], coordinates[:, 1], c=values, cmap="viridis", s=6)
+            points = axis.scatter(x, y, c=values, cmap="viridis", s=6)
             figure.colorbar(points, ax=axis, fraction=0.046, pad=0.02)
         else:
-            for index, category in enumerate(sorted(values.astype(str).unique())):
-                chosen = (values.astype(str) == category).to_numpy()
-                axis.scatter(coordinates[chosen, 0], coordinates[chosen, 1], s=6, color=f"C{index}", label=category)
-            axis.legend(fontsize=7, markerscale=2, loc="best")
+            labels = values.astype(str)
+            categories = sorted(labels.unique())
+            palette = {category: f"C{index}" for index, category in enumerate(categories)}
+            axis.scatter(x, y, c=labels.map(palette).tolist(), s=6)
+            handles = [Line2D([], [], marker="o", linestyle="", color=palette[c], label=c) for c in categories]
+            axis.legend(handles=handles, fontsize=7, loc="best")
         axis.set_title(column, fontsize=10)
         axis.set_xticks([])
         axis.set_yticks([])

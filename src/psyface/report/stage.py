@@ -250,7 +250,8 @@ def fairness_tables(audit: fairness.AuditResult) -> list[html.Table]:
     return [
         html.Table("Flagged gaps", flags if len(flags) else pd.DataFrame({"result": ["no gap flagged"]})),
         html.Table("Gaps against the reference group (in rating SDs) and bias amplification", gaps, "flagged"),
-        html.Table("Per attribute and sensitive feature: Fairlearn differences, DPD/EOD, flags",
+        html.Table("Per attribute and sensitive feature: Fairlearn differences (max − min over groups; "
+                   "their bootstrap CIs lean upward, so flags use the signed gaps above), DPD/EOD, flags",
                    audit.summary, "flagged"),
         html.Table("Per group (Fairlearn MetricFrame, bootstrap CIs)", audit.groups),
     ]
@@ -290,7 +291,9 @@ def build_page(
         f"{', Bonferroni-widened over all comparisons' if rule.familywise else ''}; {rule.n_boot} resamples of identities) "
         f"excludes 0 and |gap| ≥ {rule.min_abs_gap_sd} SD. Rating gap = the raters' bias, prediction gap = the "
         "model's, amplification = prediction gap − rating gap (does the model widen the raters' bias?). "
-        "Binarised view: rating above the training median."
+        "Binarised view: rating above the training median. A rating gap is rater bias or a real "
+        "difference between the groups' faces (as for age across age bands); the audit shows where, "
+        "knowledge of the data says which."
     ]
     content.tables["fairness"] = fairness_tables(audit)
     content.tables["lineage"] = [html.key_value_table("Lineage", lineage)]
