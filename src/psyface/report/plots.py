@@ -87,10 +87,9 @@ def accuracy_against_ceiling(table: pd.DataFrame) -> bytes:
     figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(table)), 3.2))
     positions = np.arange(len(table))
     axis.bar(positions, table["pearson_r"], color="C0", label="test Pearson r")
-    if "ceiling" in table:
-        axis.scatter(positions, table["ceiling"], marker="_", s=900, color="C3", label="reliability ceiling")
+    axis.scatter(positions, table["ceiling"], marker="_", s=900, color="C3", label="reliability ceiling")
     axis.set_xticks(positions, table["attribute"], rotation=30, ha="right")
-    axis.set_ylim(min(0.0, float(table["pearson_r"].min())) - 0.05, 1.0)
+    axis.set_ylim(min(0.0, float(table["pearson_r"].min())) - 0.05, 1.05)
     axis.axhline(0, color="black", linewidth=0.8)
     axis.legend(fontsize=8)
     return to_png(figure)

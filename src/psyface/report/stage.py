@@ -3,8 +3,8 @@
 Reads (declared in dvc.yaml): params.yaml `report:`, data/dataset.yaml, artifacts/prepared/,
 artifacts/train/run.json (and through it the MLflow run and model), artifacts/train/history.csv,
 reports/metrics.json, reports/validation/summary.json, reports/explain/{metrics.json,figures/}.
-Writes: reports/index.html, reports/manifold/, reports/fairness/, reports/report_metrics.json,
-reports/plots/attribute_r.csv (per-attribute r for `dvc plots`); logs the same into the run.
+Writes: reports/index.html, reports/manifold/, reports/fairness/, reports/report_metrics.json, and logs
+the same into the training run.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ VALIDATION_SUMMARY = Path("reports/validation/summary.json")
 REPORT_HTML = Path("reports/index.html")
 MANIFOLD_DIR = Path("reports/manifold")
 FAIRNESS_DIR = Path("reports/fairness")
-ATTRIBUTE_R = Path("reports/plots/attribute_r.csv")  # for `dvc plots`
 REPORT_METRICS = Path("reports/report_metrics.json")
 FEATURE_SETS = ("penultimate", "predictions")
 
@@ -159,17 +158,16 @@ def manifold_table(numbers: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def accuracy_table(evaluate_metrics: dict, spec: DatasetSpec, attributes: list[str]) -> pd.DataFrame:
-    """Test Pearson r per attribute next to its ceiling: sqrt(reliability) bounds the correlation
-    any predictor can reach with noisy mean ratings."""
+def accuracy_table(evaluate_metrics: dict, attributes: list[str]) -> pd.DataFrame:
+    """evaluate's test Pearson r per attribute next to its reliability ceiling."""
     test = evaluate_metrics.get("evaluate", {}).get("test", {})
-    rows = []
-    for attribute in attributes:
-        reliability = spec.reliability.get(attribute)
-        ceiling = float(np.sqrt(reliability)) if reliability is not None and reliability > 0 else float("nan")
-        r = float(test.get(attribute, {}).get("pearson_r", float("nan")))
-        rows.append({"attribute": attribute, "pearson_r": r, "ceiling": ceiling, "share_of_ceiling": r / ceiling})
-    return pd.DataFrame(rows)
+    missing = [name for name in attributes if name not in test]
+    if missing:
+        raise PsyfaceError(f"{EVALUATE_METRICS} has no evaluate.test metrics for {missing}: rerun `dvc repro evaluate`")
+    return pd.DataFrame([
+        {"attribute": name, **{key: test[name].get(key) for key in ("pearson_r", "ceiling", "r_over_ceiling")}}
+        for name in attributes
+    ])
 
 
 def audit_data(table: pd.DataFrame, predictions: pd.DataFrame, spec: DatasetSpec, attributes: list[str],
@@ -370,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         fairness.feature_sets(spec.sensitive_features, spec.intersections), rule, params.fairness.n_boot, params.seed,
     )
     curves = read_csv_checked(HISTORY_FILE)
-    accuracy = accuracy_table(read_json(EVALUATE_METRICS), spec, attributes)
+    accuracy = accuracy_table(read_json(EVALUATE_METRICS), attributes)
     champion = tracking.alias_version(run.model_name, tracking.CHAMPION)
     lineage = {**tracking.git_tags(), "data.md5": tracking.data_hash(), **asdict(run),
                "champion_version": champion.version if champion else "none"}
@@ -395,7 +393,6 @@ def main(argv: list[str] | None = None) -> int:
                                "summary": audit.summary.to_dict("records"), "gaps": audit.gaps.to_dict("records"),
                                "groups": audit.groups.to_dict("records")}),
     })
-    write_text(ATTRIBUTE_R, accuracy.to_csv(index=False))
     write_text(REPORT_METRICS, to_json(metrics))
     write_text(REPORT_HTML, html.render(content))
 
