@@ -133,8 +133,8 @@ def chromium() -> Path:
         environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         with FileLock("/tmp/psyface-chromium-install.lock"):
             if not CHROMIUM.is_file():
-                subprocess.run(["apt-get", "install", "-y", "chromium"], env=environment, check=True,
-                               capture_output=True, timeout=900)
+                for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
+                    subprocess.run(command, env=environment, check=True, capture_output=True, timeout=900)
     return CHROMIUM
 
 
