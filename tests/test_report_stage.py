@@ -23,11 +23,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import make_synthetic
 from filelock import FileLock
 
 import psyface
 from psyface.report.html import SECTIONS
-from tests.conftest import make_synthetic
 
 SRC = Path(psyface.__file__).resolve().parents[1]
 ARTIFACTS = SRC.parent / "test-artifacts"
@@ -146,6 +146,7 @@ def headless(chromium: Path, *args: str, tmp_path: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_report_outputs_tables_and_metrics(project: Path) -> None:
     fairness = project / "reports" / "fairness"
     gaps = pd.read_csv(fairness / "gaps.csv")
@@ -163,6 +164,7 @@ def test_report_outputs_tables_and_metrics(project: Path) -> None:
     assert "knn_r2_2d" in metrics["manifold"]["predictions_umap"]["control"]
 
 
+@pytest.mark.slow
 def test_report_opens_in_chromium_with_every_image_and_section(project: Path, chromium: Path, tmp_path: Path) -> None:
     page = (project / "reports" / "index.html").read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page  # self-contained: nothing fetched
@@ -193,6 +195,7 @@ def get_json(url: str) -> dict:
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_mlflow_ui_shows_the_run_metrics_and_the_champion(project: Path, chromium: Path, tmp_path: Path) -> None:
     run = json.loads((project / "artifacts" / "train" / "run.json").read_text())
     port = free_port()
