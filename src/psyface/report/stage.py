@@ -53,7 +53,7 @@ class ManifoldParams:
     umap_min_dist: float = 0.1  # Xiao (2024)
     pca_components: int = 50
     trustworthiness_k: int = 10
-    knn_k: int = 10
+    knn_k: int = 30
     cv_folds: int = 5
     score_splits: list[str] = field(default_factory=lambda: ["val", "test"])  # held-out faces only
 
