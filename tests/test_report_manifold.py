@@ -19,7 +19,7 @@ def faces() -> dict[str, np.ndarray]:
 
 
 def test_tsne_keeps_the_signal_and_finds_no_control(faces: dict[str, np.ndarray]) -> None:
-    params = manifold.EmbeddingParams(tsne_perplexity=20, seed=3)
+    params = manifold.EmbeddingParams(tsne_perplexity=20, tsne_max_iter=400, seed=3)
     embedding = manifold.embed_2d(faces["features"], "tsne", params)
     assert embedding.shape == (240, 2)
     np.testing.assert_allclose(embedding, manifold.embed_2d(faces["features"], "tsne", params))  # seeded

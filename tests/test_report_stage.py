@@ -229,10 +229,10 @@ def test_mlflow_ui_shows_the_run_metrics_and_the_champion(project: Path, chromiu
         ARTIFACTS.mkdir(exist_ok=True)
         for name, url, expected in (("run", run_url, ["report.fairness.flags", "val_loss"]),
                                     ("model", model_url, ["champion", "candidate"])):
-            dom = headless(chromium, "--virtual-time-budget=15000", "--dump-dom", url, tmp_path=tmp_path)
+            dom = headless(chromium, "--virtual-time-budget=10000", "--dump-dom", url, tmp_path=tmp_path)
             for text in expected:
                 assert text in dom, f"{text!r} not shown on the MLflow {name} page"
-            headless(chromium, "--virtual-time-budget=15000", "--window-size=1280,1400",
+            headless(chromium, "--virtual-time-budget=10000", "--window-size=1280,1400",
                      f"--screenshot={ARTIFACTS / f'mlflow-{name}.png'}", url, tmp_path=tmp_path)
     finally:
         server.terminate()

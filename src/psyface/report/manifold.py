@@ -24,6 +24,7 @@ from sklearn.model_selection import GroupKFold, KFold, cross_val_predict
 from sklearn.neighbors import KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 Method = Literal["tsne", "umap"]
 # Below this full-feature R² the attribute is not in the features at all: a "share kept" is noise.
@@ -60,7 +61,9 @@ def embed_2d(features: np.ndarray, method: Method, params: EmbeddingParams) -> n
         perplexity = min(params.tsne_perplexity, (n - 1) / 3)
         model = TSNE(n_components=2, perplexity=perplexity, max_iter=params.tsne_max_iter, init="pca",
                      random_state=params.seed)
-        return model.fit_transform(points)
+        # One OpenMP thread: on a busy 2-core machine the threaded gradient spins ~10x slower.
+        with threadpool_limits(limits=1, user_api="openmp"):
+            return model.fit_transform(points)
     if method == "umap":
         import umap  # slow import (numba); only when asked
 
