@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("psyface.evaluate", "stage: test metrics vs the reliability ceiling; promote to champion if better"),
     "predict": ("psyface.predict", "rate face images with a registered model (models:/NAME@ALIAS)"),
     "explain": ("psyface.explain.cli", "attribution maps (overlays + raw .npy) of a registered model for any images"),
+    "report": ("psyface.report.stage", "stage: manifold view, bias audit and the self-contained HTML report"),
 }
 
 
