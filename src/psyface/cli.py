@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("psyface.prepare", "stage: decode and resize every image once into an array"),
     "validate": ("psyface.validate", "stage: check data/ against dataset.yaml (reports, quarantine)"),
     "import": ("psyface.dataset.importers", "convert a rated face collection (generic table, us10k) into data/"),
+    "landmarks": ("psyface.landmarks", "stage: normalise landmark coordinates for position, scale and roll"),
+    "expressions": ("psyface.expressions.stage", "stage: per-expression landmark classifiers, IG ranking, reduction"),
     "train": ("psyface.train", "stage: train the network, track it in MLflow, register a candidate"),
     "evaluate": ("psyface.evaluate", "stage: test metrics vs the reliability ceiling; promote to champion if better"),
     "predict": ("psyface.predict", "rate face images with a registered model (models:/NAME@ALIAS)"),
