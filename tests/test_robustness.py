@@ -27,6 +27,9 @@ from psyface.io import replace_dir_atomic
 from psyface.tracking import use_tracking
 from workspace import make_workspace
 
+# One xdist worker runs this module so the two-worker store is trained once (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("robustness")
+
 MODEL = "tiny-model"
 EPOCHS = 4
 
@@ -195,3 +198,17 @@ def test_nothing_unpickles_a_checkpoint_and_servers_bind_loopback():
     servers = [line for line in readme.splitlines() if re.search(r"mlflow (ui|server|models serve)", line)]
     assert servers and all(re.search(r"(--host|-h) 127\.0\.0\.1", line) for line in servers)
     assert "only from stores you trust" in readme
+
+
+def test_an_image_symlinked_out_of_the_dataset_is_refused(tiny_dataset, tmp_path):
+    """Ids are plain names, and the resolved path (symlinks followed) must stay inside the dataset."""
+    from psyface.validate import ValidateParams, validate_dataset
+
+    outside = tmp_path / "elsewhere.png"
+    draw_face(40).save(outside)
+    target = tiny_dataset.image_path("f002")
+    target.unlink()
+    target.symlink_to(outside)
+    [finding] = validate_dataset(tiny_dataset, ValidateParams(min_image_side=32)).findings
+    assert (finding.id, finding.rule) == ("f002", "image:unsafe_id")
+    assert "resolves outside the dataset folder" in finding.message
