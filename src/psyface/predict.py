@@ -23,6 +23,7 @@ from mlflow.types import ColSpec, Schema
 
 from psyface.errors import PsyfaceError, entry_point
 from psyface.images import load_image, load_images, problems_message
+from psyface.io import write_atomic
 from psyface.model import ModelSpec, load_trained, predict_ratings
 
 IMAGE_COLUMN = "image"
@@ -107,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     table = ratings_frame(predict_ratings(net, spec, images, args.batch_size), spec)
     table.insert(0, "file", [str(path) for path in loaded])
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False, float_format="%.4f")
+        write_atomic(args.out, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
         print(f"wrote {len(table)} predictions to {args.out}")
     else:
         table.to_csv(sys.stdout, index=False, float_format="%.4f")

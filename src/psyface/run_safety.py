@@ -18,7 +18,6 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from urllib.parse import urlparse
 
 from psyface.errors import PsyfaceError
 from psyface.io import process_alive
@@ -33,14 +32,6 @@ def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith(SQLITE_PREFIX):
         return None
     return Path(uri[len(SQLITE_PREFIX) :].split("?", 1)[0])
-
-
-def local_folder(uri_or_path: str) -> Path | None:
-    """A local folder named by a plain path or `file:` URI, None for remote locations (s3:, http:)."""
-    parsed = urlparse(uri_or_path)
-    if parsed.scheme in ("", "file"):
-        return Path(parsed.path if parsed.scheme else uri_or_path)
-    return None
 
 
 def check_writable(folder: Path, what: str, needed_bytes: int = 0) -> None:
@@ -63,12 +54,14 @@ def check_writable(folder: Path, what: str, needed_bytes: int = 0) -> None:
 
 
 def check_store(uri: str, artifact_folder: Path, needed_bytes: int) -> None:
-    """Preflight for a local store: the database folder and the artifact folder take files and space."""
+    """Preflight for a local SQLite store (a tracking server manages its own storage): the database
+    folder and the artifact folder take files, and the artifact folder has room."""
     database = sqlite_path(uri)
-    if database is not None:
-        check_writable(database.parent, "the MLflow store folder")
-        if database.exists() and not os.access(database, os.W_OK):
-            raise PsyfaceError(f"the MLflow database {database} is read-only; fix its permissions before training")
+    if database is None:
+        return
+    check_writable(database.parent, "the MLflow store folder")
+    if database.exists() and not os.access(database, os.W_OK):
+        raise PsyfaceError(f"the MLflow database {database} is read-only; fix its permissions before training")
     check_writable(artifact_folder, "the MLflow artifact folder", needed_bytes)
 
 
