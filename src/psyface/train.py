@@ -360,7 +360,6 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
         mlflow.set_tags(run_safety.owner_tags())
         if resume_id:
             print(f"resuming run {resume_id} from its checkpoint")
-        if resume_id:
             mlflow.set_tag("resumed_from_epoch", str(min((s.epoch for s in states.values() if s), default=0)))
         else:
             mlflow.log_params(tracking.flatten(all_params))
