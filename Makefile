@@ -24,7 +24,7 @@ demo: install data
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc status
 
 test: install
-	$(BIN)/python -m pytest -n 2 --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
 
 bench: install
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -71,3 +71,25 @@ def load_image(source: Path | bytes, size: int, min_side: int = MIN_IMAGE_SIDE) 
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
+
+
+def load_images(paths: list[Path], size: int) -> tuple[np.ndarray, list[Path], list[tuple[Path, ImageProblem]]]:
+    """Load user files for predict/explain: (uint8 array of the usable ones, their paths, per-file problems).
+
+    One bad file never stops the others; every file ends up in exactly one of the two lists.
+    """
+    images, loaded, problems = [], [], []
+    for path in paths:
+        try:
+            images.append(load_image(path, size))
+            loaded.append(path)
+        except ImageProblem as problem:
+            problems.append((path, problem))
+    array = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    return array, loaded, problems
+
+
+def problems_message(problems: list[tuple[Path, ImageProblem]], total: int) -> str:
+    """One paragraph naming every unusable file and the rule it broke (for a PsyfaceError)."""
+    listed = "; ".join(f"[{problem.reason}] {problem}" for _, problem in problems)
+    return f"{len(problems)} of {total} image file(s) could not be used: {listed}"

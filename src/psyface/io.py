@@ -17,6 +17,7 @@ from psyface.errors import PsyfaceError
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` for a temporary sibling of `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -29,9 +30,33 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def remove_dead_leftovers(path: Path) -> None:
+    """Delete `.NAME.tmp-PID` siblings of `path` left by writers that were killed (their PID is gone)."""
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = leftover.name.rpartition("-")[2]
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def replace_dir_atomic(path: Path, fill: Callable[[Path], None]) -> Path:
     """Build a whole output folder under a temporary name, then swap it in."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -4,7 +4,9 @@ The pyfunc takes a DataFrame with an `image` column (bytes; base64 in JSON reque
 column, decodes with the one image loader, preprocesses with `to_input` exactly as in training, and
 returns one column per attribute on the rating scale. `psyface predict` loads weights through
 `tracking.load_model` (safetensors, no unpickling) and accepts only `models:/` URIs unless told
-`--allow-any-uri`.
+`--allow-any-uri`. A file that cannot be used (undecodable, too small, over the pixel limit) does not
+stop the others: the usable ones are rated and written, then every unusable one is named with its
+reason and the command exits 2.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from psyface.errors import PsyfaceError, entry_point
-from psyface.images import ImageProblem, load_image
+from psyface.images import load_image, load_images, problems_message
+from psyface.io import write_atomic
 from psyface.model import ModelSpec, load_trained, predict_ratings
 
 IMAGE_COLUMN = "image"
@@ -99,18 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     from psyface.tracking import load_model
 
     net, spec = load_model(args.model)
-    try:
-        images = np.stack([load_image(path, spec.image_size) for path in files])
-    except ImageProblem as problem:
-        raise PsyfaceError(str(problem)) from None
+    images, loaded, problems = load_images(files, spec.image_size)
+    if not loaded:
+        raise PsyfaceError(problems_message(problems, len(files)))
     table = ratings_frame(predict_ratings(net, spec, images, args.batch_size), spec)
-    table.insert(0, "file", [str(path) for path in files])
+    table.insert(0, "file", [str(path) for path in loaded])
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False, float_format="%.4f")
+        write_atomic(args.out, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
         print(f"wrote {len(table)} predictions to {args.out}")
     else:
         table.to_csv(sys.stdout, index=False, float_format="%.4f")
+    if problems:  # the usable files are rated above; the run still fails so no script misses the rest
+        raise PsyfaceError(problems_message(problems, len(files)))
     return 0
 
 

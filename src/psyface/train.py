@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import signal
 import warnings
 from collections.abc import Callable
@@ -328,7 +329,7 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
     """The stage: data -> (resumable) training -> MLflow run + registered candidate -> run.json."""
     import mlflow
 
-    from psyface import tracking
+    from psyface import run_safety, tracking
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.use_deterministic_algorithms(device.type == "cpu")  # bit-identical reruns and resumes on CPU
@@ -340,17 +341,25 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
     spec = ModelSpec(arch=params.arch, head=params.head, attributes=attributes, image_size=int(images.shape[1]),
                      target_mean=mean, target_std=std, per_attribute=params.per_attribute,
                      scales={a: list(dataset.attributes[a].scale) for a in attributes})
+    outputs, networks = (1, len(attributes)) if params.per_attribute else (len(attributes), 1)
+    run_safety.check_store(os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_TRACKING_URI, Path("mlruns"),
+                           run_safety.training_bytes(params.arch, params.head, outputs, networks))
     print_ = fingerprint(params)
     tasks = [(a, [i]) for i, a in enumerate(attributes)] if params.per_attribute else [("", list(range(len(attributes))))]
     checkpoints = {task: CHECKPOINT_DIR / (f"last-{task}.pt" if task else "last.pt") for task, _ in tasks}
     states = {task: load_checkpoint(path, print_) for task, path in checkpoints.items()}
     uri = tracking.use_tracking()
+    run_safety.initialise_store(uri)
     experiment = mlflow.set_experiment(params.experiment)
     resume_id = next((s.run_id for s in states.values() if s and s.run_id), None)
     if resume_id and not _run_exists(resume_id):
         resume_id, states = None, dict.fromkeys(states)
+    for stale in run_safety.close_stale_runs(experiment.experiment_id, keep=resume_id):
+        print(f"marked run {stale} KILLED: its training process is gone")
     with mlflow.start_run(run_id=resume_id, log_system_metrics=True) as run:
+        mlflow.set_tags(run_safety.owner_tags())
         if resume_id:
+            print(f"resuming run {resume_id} from its checkpoint")
             mlflow.set_tag("resumed_from_epoch", str(min((s.epoch for s in states.values() if s), default=0)))
         else:
             mlflow.log_params(tracking.flatten(all_params))
