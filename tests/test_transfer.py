@@ -21,7 +21,7 @@ from psyface.train import Data, TrainParams, TrainState, initialise, train_epoch
 from psyface.tracking import load_model
 from tests.workspace import make_workspace, tracking_env
 
-ARCH = "vgg16_narrow"
+ARCH = "vgg16_bn_narrow"
 TINY = {"arch": ARCH, "epochs": 1, "batch_size": 16, "lr": 0.003, "patience": 2, "seed": 0}
 
 
@@ -88,15 +88,17 @@ def test_frozen_blocks_stay_unchanged_after_a_training_step():
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(0)
     net = build_model(ARCH, "gap", 1).to(memory_format=torch.channels_last)
-    assert freeze_blocks(net, 2) == 8  # 4 convolutions x (weight, bias)
-    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    assert freeze_blocks(net, 2) == 16  # 4 x (convolution, batch norm) x (weight, bias)
+    before = {name: value.clone() for name, value in net.state_dict().items()}
     rng = np.random.default_rng(0)
     data = Data(rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8), rng.standard_normal((16, 1)).astype(np.float32))
     train_epochs(net, data, data, TrainParams(arch=ARCH, epochs=1, batch_size=16), TrainState(), torch.device("cpu"))
     pools = [i for i, layer in enumerate(net.features) if isinstance(layer, torch.nn.MaxPool2d)]
-    for name, parameter in net.named_parameters():
+    for name, value in net.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            continue
         frozen = name.startswith("features.") and int(name.split(".")[1]) < pools[1]
-        assert torch.equal(parameter, before[name]) == frozen, name
+        assert torch.equal(value, before[name]) == frozen, name  # weights and batch-norm statistics
     with pytest.raises(PsyfaceError, match="6 blocks asked"):
         freeze_blocks(build_model(ARCH, "gap", 1), 6)
 

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("psyface.train", "stage: train the network, track it in MLflow, register a candidate"),
     "evaluate": ("psyface.evaluate", "stage: test metrics vs the reliability ceiling; promote to champion if better"),
     "predict": ("psyface.predict", "rate face images with a registered model (models:/NAME@ALIAS)"),
+    "transfer": ("psyface.transfer", "base models from dataset columns; the transfer learning-curve sweep"),
 }
 
 

@@ -57,11 +57,12 @@ class TransferParams:
     bases: list[str] = field(default_factory=lambda: ["gender", "age_band", "expression"])
     base_prefix: str = "psyface-base-"
     base_epochs: int = 4
+    image_size: int = 0  # train at this side (area-downsampled from the prepared array); 0: as prepared
     attributes: list[str] = field(default_factory=list)  # sweep targets; empty: every attribute not a base
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     experiment: str = "psyface-transfer"
-    train: TrainParams = field(default_factory=lambda: TrainParams(arch="vgg16_narrow", epochs=3, batch_size=32,
+    train: TrainParams = field(default_factory=lambda: TrainParams(arch="vgg16_bn_narrow", epochs=3, batch_size=32,
                                                                    lr=0.002, patience=3))
 
 
@@ -127,6 +128,17 @@ def task_data(table: pd.DataFrame, images: np.ndarray, task: BaseTask) -> tuple[
     return data, mean, std
 
 
+def downsampled(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) images area-averaged to `size` (unchanged for 0 or the same size)."""
+    if size in (0, images.shape[1]):
+        return np.asarray(images)
+    if size > images.shape[1]:
+        raise PsyfaceError(f"transfer.image_size {size} exceeds the prepared {images.shape[1]}px")
+    batch = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float()
+    small = F.interpolate(batch, size=(size, size), mode="area")
+    return small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
 def test_score(net: torch.nn.Module, data: Data, objective: Objective, batch_size: int) -> float:
     predicted = predict_standardised(net, data.images, batch_size, torch.device("cpu"), autocast=False)
     return float(objective.score(predicted, data.targets).mean())
@@ -164,10 +176,11 @@ def train_base(column: str, params: TransferParams) -> dict[str, object]:
     torch.use_deterministic_algorithms(not torch.cuda.is_available())
     prepared, dataset = load_prepared(PREPARED_DIR), load_dataset(DATA_DIR)
     task = base_task(dataset, prepared.table, column)
-    data, mean, std = task_data(prepared.table, np.asarray(prepared.images), task)
+    images = downsampled(prepared.images, params.image_size)
+    data, mean, std = task_data(prepared.table, images, task)
     objective, score_name = (CLASSIFICATION, "accuracy") if task.classes else (REGRESSION, "pearson_r")
     recipe = dataclasses.replace(params.train, epochs=params.base_epochs, init="scratch", freeze=0)
-    spec = ModelSpec(arch=recipe.arch, head=recipe.head, attributes=task.outputs, image_size=int(prepared.images.shape[1]),
+    spec = ModelSpec(arch=recipe.arch, head=recipe.head, attributes=task.outputs, image_size=int(images.shape[1]),
                      target_mean=[mean] * len(task.outputs), target_std=[std] * len(task.outputs))
     name = f"{params.base_prefix}{column}"
     tracking.use_tracking()
@@ -269,7 +282,7 @@ def run_sweep(params: TransferParams) -> pd.DataFrame:
     torch.use_deterministic_algorithms(not torch.cuda.is_available())
     prepared, dataset = load_prepared(PREPARED_DIR), load_dataset(DATA_DIR)
     attributes = sweep_targets(dataset, params)
-    data, _, _ = split_data(np.asarray(prepared.images), prepared.table, attributes)
+    data, _, _ = split_data(downsampled(prepared.images, params.image_size), prepared.table, attributes)
     inits = [SCRATCH, *(f"models:/{params.base_prefix}{base}@{tracking.CHAMPION}" for base in params.bases)]
     tracking.use_tracking()
     mlflow.set_experiment(params.experiment)
@@ -314,6 +327,7 @@ def write_report(table: pd.DataFrame, summary: pd.DataFrame, attributes: list[st
     best = bases.loc[bases["gain_vs_scratch"].idxmax()] if len(bases) else None
     metrics = {"transfer": {
         "attributes": attributes, "n_train_full": n_train, "arch": params.train.arch, "epochs": params.train.epochs,
+        "image_size": params.image_size,
         "seeds": params.seeds, "wall_s": round(wall_s, 1),
         "curve": {f"{row.fraction:g}": {} for row in summary.itertuples()},
         "smallest_fraction": {"fraction": smallest, "best_base": None if best is None else best["init"],
