@@ -24,6 +24,8 @@ from tests.conftest import SRC, run_cli
 from tests.workspace import make_workspace, tracking_env
 
 MODEL = "tiny-model"
+# One worker runs this module's tests so the trained project is built once (`pytest -n 2 --dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("pipeline")
 
 
 def stage(module: str, root, env) -> subprocess.CompletedProcess[str]:
@@ -93,9 +95,9 @@ def test_predict_from_a_fresh_process_by_alias(project, tmp_path):
     assert np.allclose(table[spec.attributes].to_numpy()[:3], expected, atol=1e-3)
 
 
-def test_predict_refuses_unexpected_uri_schemes(project):
+def test_predict_refuses_unexpected_uri_schemes(project, tmp_path):
     root, env = project
-    result = run_cli("predict", "--model", "runs:/abc/model", str(root / "data/images"), cwd=root, env=env)
+    result = run_cli("predict", "--model", "runs:/abc/model", str(root / "data/images"), cwd=tmp_path, env=env)
     assert result.returncode == 2 and "refusing model URI" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -218,6 +218,8 @@ class _TimmFeatures(nn.Module):
 
 def to_unit(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (N, H, W, 3) images -> float (N, 3, H, W) in [0, 1] (where augmentation happens)."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # torch cannot wrap read-only memory (memory-mapped arrays, PIL buffers)
     batch = torch.as_tensor(images).to(device)
     if batch.ndim == 3:
         batch = batch.unsqueeze(0)
