@@ -30,4 +30,4 @@ bench: install
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf artifacts reports/validation reports/metrics.json
+	rm -rf artifacts reports/validation reports/metrics.json reports/landmarks

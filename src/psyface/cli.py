@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("psyface.evaluate", "stage: test metrics vs the reliability ceiling; promote to champion if better"),
     "predict": ("psyface.predict", "rate face images with a registered model (models:/NAME@ALIAS)"),
     "transfer": ("psyface.transfer", "base models from dataset columns; the transfer learning-curve sweep"),
+    "landmarks": ("psyface.landmarks", "stage: normalise landmark coordinates for position, scale and roll"),
+    "expressions": ("psyface.expressions.stage", "stage: per-expression landmark classifiers, IG ranking, reduction"),
 }
 
 

@@ -1,0 +1,3 @@
+from psyface.expressions.stage import main
+
+main()
