@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "transfer": ("psyface.transfer", "base models from dataset columns; the transfer learning-curve sweep"),
     "landmarks": ("psyface.landmarks", "stage: normalise landmark coordinates for position, scale and roll"),
     "expressions": ("psyface.expressions.stage", "stage: per-expression landmark classifiers, IG ranking, reduction"),
+    "explain": ("psyface.explain.cli", "attribution maps (overlays + raw .npy) of a registered model for any images"),
 }
 
 
