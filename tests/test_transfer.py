@@ -127,3 +127,32 @@ def test_nested_subsets_grow_by_adding_rows():
     subsets = transfer.nested_subsets(100, [0.1, 0.5, 1.0], seed=3)
     assert len(subsets[0.1]) == 10 and set(subsets[0.1]) <= set(subsets[0.5]) <= set(subsets[1.0])
     assert len(subsets[1.0]) == 100
+
+
+def test_maps_compare_bases_and_transferred_models_against_the_regions(project: Path):
+    from psyface.config import load_section
+    from psyface.transfer_maps import run_maps
+
+    table = run_maps(load_section("transfer", transfer.TransferParams), max_images=8)
+    assert sorted(set(table["model"])) == ["base gender", "gender -> attributes @0.5", "scratch -> attributes @0.5"]
+    transferred = table[table["model"] != "base gender"]
+    lrp = transferred[transferred["method"] == "lrp"]  # Grad-CAM of an untrained net may be all zero: NaN
+    assert lrp["rma_mean"].between(0, 1).all() and (transferred["rma_chance"] < 1).all()
+    assert transferred["rma_mean"].isna().sum() + transferred["rma_mean"].between(0, 1).sum() == len(transferred)
+    assert table["entropy_bits"].between(0, 10).all()  # 32 x 32 pixels: at most 10 bits
+    for method in ("lrp", "gradcam"):
+        assert (project / f"reports/transfer/heatmaps_{method}.png").stat().st_size > 0
+    assert json.loads((project / "reports/transfer/maps.json").read_text())["transfer_maps"]["n_images"] == 8
+
+
+def test_binary_and_multi_class_heads_report_accuracy_and_richness(project: Path):
+    from psyface.config import load_section
+    from psyface.transfer_maps import binned, run_heads
+
+    values = np.arange(100.0)
+    assert np.bincount(binned(values, np.arange(100), 4)).tolist() == [25, 25, 25, 25]
+    table = run_heads(load_section("transfer", transfer.TransferParams), max_images=8)
+    assert table["n_classes"].tolist() == [2, 4]
+    assert table[["accuracy", "binary_accuracy", "chance"]].stack().between(0, 1).all()
+    assert table["accuracy"].iloc[0] == table["binary_accuracy"].iloc[0]  # 2 classes: the same question
+    assert table["lrp_entropy_bits"].between(0, 10).all() and table["lrp_relevance_mass"].between(0, 1).all()

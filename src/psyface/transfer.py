@@ -62,6 +62,9 @@ class TransferParams:
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     experiment: str = "psyface-transfer"
+    map_images: int = 64  # test faces explained by `maps`
+    head_attribute: str = "trustworthy"  # binary (median) vs `head_classes` quantile-bin heads
+    head_classes: int = 4
     train: TrainParams = field(default_factory=lambda: TrainParams(arch="vgg16_bn_narrow", epochs=3, batch_size=32,
                                                                    lr=0.002, patience=3))
 
@@ -237,7 +240,8 @@ def nested_subsets(n: int, fractions: list[float], seed: int) -> dict[float, np.
     return {f: np.sort(order[: max(2, round(f * n))]) for f in fractions}
 
 
-def run_cell(data: dict[str, Data], subset: np.ndarray, recipe: TrainParams, attributes: list[str]) -> tuple[np.ndarray, dict[str, str], TrainState]:
+def run_cell(data: dict[str, Data], subset: np.ndarray, recipe: TrainParams,
+             attributes: list[str]) -> tuple[np.ndarray, dict[str, str], TrainState, torch.nn.Module]:
     """One sweep cell: build, initialise (`recipe.init`), freeze, fit on `subset` of train; test r per attribute."""
     torch.manual_seed(recipe.seed)
     net = build_model(recipe.arch, recipe.head, len(attributes))
@@ -246,7 +250,7 @@ def run_cell(data: dict[str, Data], subset: np.ndarray, recipe: TrainParams, att
     train = Data(data["train"].images[subset], data["train"].targets[subset])
     state = fit(net, train, data["val"], recipe, REGRESSION, label=f"{recipe.init} seed {recipe.seed} n={len(subset)} ")
     predicted = predict_standardised(net.cpu(), data["test"].images, recipe.batch_size * 2, torch.device("cpu"), False)
-    return pearson_per_column(predicted, data["test"].targets), tags, state
+    return pearson_per_column(predicted, data["test"].targets), tags, state, net
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
@@ -297,7 +301,7 @@ def run_sweep(params: TransferParams) -> pd.DataFrame:
                     recipe = dataclasses.replace(params.train, init=init, seed=seed)
                     label = "scratch" if init == SCRATCH else init.removeprefix(f"models:/{params.base_prefix}").split("@")[0]
                     with mlflow.start_run(run_name=f"{label}-{fraction:g}-s{seed}", nested=True):
-                        r, tags, state = run_cell(data, subsets[fraction], recipe, attributes)
+                        r, tags, state, _ = run_cell(data, subsets[fraction], recipe, attributes)
                         mlflow.set_tags({**tags, "fraction": f"{fraction:g}", "seed": str(seed), "base": label,
                                          "freeze_blocks": str(recipe.freeze)})
                         metrics = {f"test_r_{a}": float(v) for a, v in zip(attributes, r, strict=True)}
@@ -347,12 +351,18 @@ def main(argv: list[str] | None = None) -> int:
     base = commands.add_parser("base", help="train and register the base model of one dataset column")
     base.add_argument("column", help="a declared column: a sensitive feature, a label or an attribute")
     commands.add_parser("sweep", help="the learning-curve sweep: fractions x inits x seeds, nested runs")
+    commands.add_parser("maps", help="LRP/Grad-CAM mean maps of bases and transferred models; binary vs k-class heads")
     args = parser.parse_args(argv)
     params = load_section("transfer", TransferParams)
     if args.command == "base":
         train_base(args.column, params)
-    else:
+    elif args.command == "sweep":
         print(summarise_text(run_sweep(params)))
+    else:
+        from psyface.transfer_maps import run_heads, run_maps
+
+        print(summarise_text(run_maps(params, params.map_images)))
+        print(summarise_text(run_heads(params, params.map_images)))
     return 0
 
 
