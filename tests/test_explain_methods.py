@@ -6,6 +6,7 @@ from captum.attr import LayerAttribution, LayerGradCam
 
 from psyface.errors import PsyfaceError
 from psyface.explain.methods import METHODS, MethodOptions, attribute
+from psyface.model import AttributeNet
 
 from tests.explain_models import SIZE, images, tiny_vgg  # noqa: F401 (images: a fixture)
 
@@ -41,3 +42,20 @@ def test_gradcam_equals_captum_on_the_whole_model_one_image_and_attribute_at_a_t
 def test_an_unknown_method_is_a_user_error(images):
     with pytest.raises(PsyfaceError, match="unknown attribution method 'saliency'"):
         attribute(tiny_vgg(), images, "saliency")  # type: ignore[arg-type]
+
+
+class Backbone(torch.nn.Module):
+    """Features that are not a Sequential (like a timm backbone): Grad-CAM runs on the whole model."""
+
+    def __init__(self, layers: torch.nn.Sequential):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images)
+
+
+def test_gradcam_on_a_backbone_that_cannot_be_split_gives_the_same_maps(images):
+    model = tiny_vgg(n_outputs=3)
+    wrapped = AttributeNet(Backbone(model.features), model.pre_logits, model.last_layer).eval()
+    torch.testing.assert_close(attribute(wrapped, images, "gradcam"), attribute(model, images, "gradcam"), rtol=1e-4, atol=1e-7)
