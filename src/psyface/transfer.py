@@ -137,7 +137,7 @@ def downsampled(images: np.ndarray, size: int) -> np.ndarray:
         return np.asarray(images)
     if size > images.shape[1]:
         raise PsyfaceError(f"transfer.image_size {size} exceeds the prepared {images.shape[1]}px")
-    batch = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float()
+    batch = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float()
     small = F.interpolate(batch, size=(size, size), mode="area")
     return small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
