@@ -25,6 +25,11 @@ SPEC_FILE = "spec.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION_VGGS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")
+# VGG16-BN's layer layout with every width divided by 8 (1/64 of the convolution cost): the same
+# blocks and pooling, cheap enough for many-cell experiments on a CPU; batch norm lets it train
+# from scratch in a few epochs.
+NARROW_VGG16 = "vgg16_bn_narrow"
+_VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 Head = Literal["gap", "paper"]
 
@@ -81,6 +86,13 @@ def build_model(arch: str, head: Head, n_outputs: int) -> AttributeNet:
             # The peer's network: original classifier, last Linear(4096, 1000) -> Linear(4096, n).
             pre_logits: nn.Module = nn.Sequential(vgg.avgpool, nn.Flatten(1), *list(vgg.classifier)[:-1])
             return AttributeNet(features, pre_logits, nn.Linear(4096, n_outputs))
+    elif arch == NARROW_VGG16:
+        from torchvision.models.vgg import make_layers
+
+        if head == "paper":
+            raise PsyfaceError(f"head 'paper' needs a full-width VGG {TORCHVISION_VGGS}, not {arch!r}")
+        features = make_layers([c if c == "M" else c // 8 for c in _VGG16_LAYOUT], batch_norm=True)
+        channels = 512 // 8
     else:
         import timm
 
@@ -94,6 +106,27 @@ def build_model(arch: str, head: Head, n_outputs: int) -> AttributeNet:
         channels = backbone.num_features
     pre_logits = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Dropout(0.2))
     return AttributeNet(features, pre_logits, nn.Linear(channels, n_outputs))
+
+
+def freeze_blocks(net: AttributeNet, blocks: int) -> int:
+    """Stop training the first `blocks` convolution blocks of a VGG `features` stack (a block ends at
+    a max-pool; 0 freezes nothing): no gradients, and batch-norm running statistics kept (momentum 0).
+    Returns how many parameter tensors were frozen."""
+    if blocks == 0:
+        return 0
+    if not isinstance(net.features, nn.Sequential):
+        raise PsyfaceError("freeze needs a VGG architecture (its features split into pooled blocks)")
+    pools = [i for i, layer in enumerate(net.features) if isinstance(layer, nn.MaxPool2d)]
+    if not 0 < blocks <= len(pools):
+        raise PsyfaceError(f"freeze: {blocks} blocks asked, the network has {len(pools)}")
+    block = net.features[: pools[blocks - 1] + 1]
+    frozen = list(block.parameters())
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    for module in block.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0
+    return len(frozen)
 
 
 class AttributeEnsemble(nn.Module):

@@ -164,6 +164,18 @@ def alias_version(name: str, alias: str) -> ModelVersion | None:
         return None
 
 
+def resolve_version(model_uri: str) -> ModelVersion:
+    """The registered version `models:/NAME@ALIAS` or `models:/NAME/VERSION` points to now."""
+    reference = model_uri.removeprefix("models:/").rstrip("/")
+    name, alias = reference.split("@", 1) if "@" in reference else (reference.rsplit("/", 1)[0], "")
+    try:
+        if alias:
+            return MlflowClient().get_model_version_by_alias(name, alias)
+        return MlflowClient().get_model_version(name, reference.rsplit("/", 1)[1])
+    except (MlflowException, IndexError) as error:
+        raise PsyfaceError(f"no registered model version at {model_uri!r}: {str(error).splitlines()[0]}") from None
+
+
 def set_alias(name: str, alias: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(name, alias, version)
 

@@ -43,6 +43,7 @@ from psyface.model import (
     Head,
     ModelSpec,
     build_model,
+    freeze_blocks,
     imagenet_weights_file,
     load_matching,
     normalise,
@@ -73,6 +74,7 @@ class TrainParams:
     arch: str = "vgg16"
     head: Head = "gap"
     init: str = "scratch"  # scratch | imagenet | PATH.pth/.safetensors | models:/NAME@ALIAS
+    freeze: int = 0  # VGG convolution blocks (counted from the input) kept as initialised; 0: none
     per_attribute: bool = False
     epochs: int = 12
     batch_size: int = 16
@@ -119,6 +121,15 @@ class TrainState:
     finished: bool = False
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What the loop minimises (`loss` on output and target tensors) and what early stopping
+    maximises (`score`: one number per output column, arrays in; history calls it `val_mean_r`)."""
+
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    score: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
 # ---------------------------------------------------------------- pure core: tensors in, state out
 
 
@@ -156,6 +167,9 @@ def pearson_per_column(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
     return np.divide((p * a).sum(0), denominator, out=np.zeros(p.shape[1]), where=denominator > 0)
 
 
+REGRESSION = Objective(loss=F.mse_loss, score=pearson_per_column)
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up then cosine decay to zero, exactly over the epoch budget."""
     if step < warmup:
@@ -182,13 +196,15 @@ def train_epochs(
     device: torch.device,
     on_epoch: Callable[[TrainState], None] = lambda state: None,
     label: str = "",
+    objective: Objective = REGRESSION,
 ) -> TrainState:
     """Train from `state` (fresh or restored) until the epoch budget or early stopping; calls
     `on_epoch(state)` after each epoch with a state that resumes bit-identically."""
     autocast = params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda")
     model = torch.compile(net) if params.compile and device.type == "cuda" else net
     steps = math.ceil(len(train.images) / params.batch_size)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    trainable = [parameter for parameter in net.parameters() if parameter.requires_grad]  # frozen ones stay put
+    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     total, warmup = params.epochs * steps, max(1, round(params.warmup_epochs * steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
     generator = torch.Generator()
@@ -211,7 +227,7 @@ def train_epochs(
             index = order[step * params.batch_size : (step + 1) * params.batch_size]
             batch = normalise(augment(to_unit(train.images[index.numpy()], device), params.augmentation, generator))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = F.mse_loss(model(batch).float(), targets[index].to(device))
+                loss = objective.loss(model(batch).float(), targets[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -219,10 +235,11 @@ def train_epochs(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         predicted = predict_standardised(model, val.images, params.batch_size * 2, device, autocast)
-        r = pearson_per_column(predicted, val.targets)
+        r = objective.score(predicted, val.targets)
         state.epoch += 1
+        val_loss = objective.loss(torch.as_tensor(predicted), torch.as_tensor(val.targets)).item()
         record = {"epoch": state.epoch, "train_loss": float(np.mean(losses)),
-                  "val_loss": float(np.mean((predicted - val.targets) ** 2)), "val_mean_r": float(r.mean()),
+                  "val_loss": float(val_loss), "val_mean_r": float(r.mean()),
                   "lr": scheduler.get_last_lr()[0], **{f"val_r_{i}": float(v) for i, v in enumerate(r)}}
         state.history.append(record)
         if record["val_mean_r"] > state.best_r:
@@ -280,17 +297,26 @@ def load_checkpoint(path: Path, expected_fingerprint: str) -> TrainState | None:
     return state
 
 
-def initialise(net: AttributeNet, params: TrainParams) -> dict[str, str]:
-    """Apply `params.init` to a freshly built network; returns tags describing what was loaded."""
+def initialise(net: AttributeNet, params: TrainParams, attributes: list[str] | None = None) -> dict[str, str]:
+    """Apply `params.init` to a freshly built network; returns tags describing what was loaded.
+
+    From the registry the lineage tags name the exact version an alias pointed to; the source's last
+    layer is loaded only when it predicted the same `attributes` (a base task's head never is)."""
     if params.init == "scratch":
         return {"init": "scratch"}
+    lineage: dict[str, str] = {}
     if params.init.startswith("models:/"):
-        from psyface.tracking import load_model
+        from psyface.tracking import load_model, resolve_version
 
-        source, _ = load_model(params.init)
+        version = resolve_version(params.init)
+        source, source_spec = load_model(f"models:/{version.name}/{version.version}")
         if not isinstance(source, AttributeNet):
             raise PsyfaceError(f"init {params.init!r} is a per-attribute ensemble; initialise from a multi-task model")
         state = source.state_dict()
+        if attributes is None or source_spec.attributes != attributes:
+            state = {k: v for k, v in state.items() if not k.startswith("last_layer.")}
+        lineage = {"init.model_name": version.name, "init.model_version": str(version.version),
+                   "init.run_id": str(version.run_id)}
     elif params.init == "imagenet":
         state = read_state_dict(imagenet_weights_file(params.arch))
     elif params.init.endswith((".pth", ".pt", ".safetensors")):
@@ -298,7 +324,7 @@ def initialise(net: AttributeNet, params: TrainParams) -> dict[str, str]:
     else:
         raise PsyfaceError(f"train.init {params.init!r}: expected scratch, imagenet, a .pth/.safetensors file or models:/NAME@ALIAS")
     loaded, skipped = load_matching(net, state, params.arch)
-    return {"init": params.init, "init.loaded_tensors": str(loaded), "init.skipped_tensors": str(skipped)}
+    return {"init": params.init, "init.loaded_tensors": str(loaded), "init.skipped_tensors": str(skipped), **lineage}
 
 
 def learning_curves_figure(history: pd.DataFrame, attributes: list[str]) -> Figure:
@@ -382,7 +408,9 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
                 if task:
                     mlflow.set_tag("attribute", task)
                 if not state.model:
-                    mlflow.set_tags(initialise(net, params))
+                    mlflow.set_tags(initialise(net, params, names))
+                mlflow.set_tag("freeze_blocks", str(params.freeze))
+                freeze_blocks(net, params.freeze)
                 state = train_epochs(net, train, val, params, state, device,
                                      on_epoch=lambda s, p=checkpoints[task], n=names: _after_epoch(s, p, n),
                                      label=f"{task} " if task else "")
