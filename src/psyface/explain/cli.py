@@ -19,7 +19,8 @@ import numpy as np
 from psyface.errors import PsyfaceError, entry_point
 from psyface.explain.methods import METHODS, MethodOptions, attribute
 from psyface.explain.scores import relevance
-from psyface.images import ImageProblem, load_image
+from psyface.images import load_images, problems_message
+from psyface.io import write_atomic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from psyface.explain.figures import overlay, save_png
+    from psyface.explain.figures import overlay, save_npy, save_png
     from psyface.model import to_input
     from psyface.tracking import load_model
 
@@ -48,19 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise PsyfaceError(f"unknown attribute(s) {unknown}; {args.model} predicts {spec.attributes}")
     columns = [spec.attributes.index(name) for name in wanted]
-    try:
-        images = np.stack([load_image(path, spec.image_size) for path in args.files])
-    except ImageProblem as problem:
-        raise PsyfaceError(str(problem)) from None
+    images, loaded, problems = load_images(args.files, spec.image_size)
+    if not loaded:
+        raise PsyfaceError(problems_message(problems, len(args.files)))
     maps = attribute(net, to_input(images).contiguous(), args.method, MethodOptions())
     magnitudes = relevance(maps).numpy()
     args.out.mkdir(parents=True, exist_ok=True)
-    for row, (path, image) in enumerate(zip(args.files, images, strict=True)):
+    for row, (path, image) in enumerate(zip(loaded, images, strict=True)):
         for name, column in zip(wanted, columns, strict=True):
             stem = args.out / f"{path.stem}_{args.method}_{name}"
-            np.save(stem.with_suffix(".npy"), maps[row, column].numpy())
-            save_png(stem.with_suffix(".png"), overlay(image, magnitudes[row, column]))
-    print(f"psyface explain: {len(args.files)} image(s) x {len(wanted)} attribute(s) -> {args.out}")
+            raw, picture = maps[row, column].numpy(), overlay(image, magnitudes[row, column])
+            write_atomic(stem.with_suffix(".npy"), lambda tmp, raw=raw: save_npy(tmp, raw))
+            write_atomic(stem.with_suffix(".png"), lambda tmp, picture=picture: save_png(tmp, picture))
+    print(f"psyface explain: {len(loaded)} image(s) x {len(wanted)} attribute(s) -> {args.out}")
+    if problems:  # the usable files are explained above; the run still fails so no script misses the rest
+        raise PsyfaceError(problems_message(problems, len(args.files)))
     return 0
 
 

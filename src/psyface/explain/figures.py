@@ -26,8 +26,14 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarr
     return np.clip((1 - alpha) * image + alpha * colours, 0, 255).astype(np.uint8)
 
 
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """`np.save` to exactly `path` (np.save would append .npy to a temporary name)."""
+    with path.open("wb") as handle:
+        np.save(handle, array)
+
+
 def save_png(path: Path, image: np.ndarray) -> None:
-    Image.fromarray(image).save(path)
+    Image.fromarray(image).save(path, format="PNG")  # explicit: atomic writes use a .tmp name
 
 
 def mosaic(tiles: list[list[np.ndarray]], gap: int = 2) -> np.ndarray:
