@@ -21,7 +21,7 @@ data: data/dataset.yaml
 
 demo: install data
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc status
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc status dvc.yaml data.dvc
 
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
