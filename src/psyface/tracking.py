@@ -53,13 +53,38 @@ class TrainedRun:
     model_uri: str
 
 
+def project_root(cwd: Path | None = None) -> Path:
+    """The project folder. DVC runs queued experiments in a copy under `.dvc/tmp/exps/` that it deletes
+    afterwards; there the project is the folder holding that `.dvc`, so their runs are not lost."""
+    here = (cwd or Path.cwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return here
+
+
+def store_dir() -> Path:
+    """The default local store folder (SQLite database and artifacts)."""
+    return project_root() / "mlruns"
+
+
 def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` (a team server) if set, else the SQLite store in ./mlruns."""
+    """`MLFLOW_TRACKING_URI` (a team server) if set, else the SQLite store in the project's mlruns/."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    Path("mlruns").mkdir(exist_ok=True)
-    return DEFAULT_TRACKING_URI
+    store_dir().mkdir(exist_ok=True)
+    if project_root() == Path.cwd().resolve():
+        return DEFAULT_TRACKING_URI
+    return f"sqlite:///{store_dir() / 'mlflow.db'}"
+
+
+def ensure_experiment(name: str) -> mlflow.entities.Experiment:
+    """Set the active experiment, creating it with its artifacts under the project's store."""
+    if mlflow.get_experiment_by_name(name) is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.create_experiment(name, artifact_location=(store_dir() / "artifacts").as_uri())
+    return mlflow.set_experiment(name)
 
 
 def use_tracking(uri: str | None = None) -> str:

@@ -368,7 +368,7 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
                      target_mean=mean, target_std=std, per_attribute=params.per_attribute,
                      scales={a: list(dataset.attributes[a].scale) for a in attributes})
     outputs, networks = (1, len(attributes)) if params.per_attribute else (len(attributes), 1)
-    run_safety.check_store(os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_TRACKING_URI, Path("mlruns"),
+    run_safety.check_store(tracking.tracking_uri(), tracking.store_dir(),
                            run_safety.training_bytes(params.arch, params.head, outputs, networks))
     print_ = fingerprint(params)
     tasks = [(a, [i]) for i, a in enumerate(attributes)] if params.per_attribute else [("", list(range(len(attributes))))]
@@ -376,7 +376,7 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
     states = {task: load_checkpoint(path, print_) for task, path in checkpoints.items()}
     uri = tracking.use_tracking()
     run_safety.initialise_store(uri)
-    experiment = mlflow.set_experiment(params.experiment)
+    experiment = tracking.ensure_experiment(params.experiment)
     resume_id = next((s.run_id for s in states.values() if s and s.run_id), None)
     if resume_id and not _run_exists(resume_id):
         resume_id, states = None, dict.fromkeys(states)

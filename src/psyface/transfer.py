@@ -187,7 +187,7 @@ def train_base(column: str, params: TransferParams) -> dict[str, object]:
                      target_mean=[mean] * len(task.outputs), target_std=[std] * len(task.outputs))
     name = f"{params.base_prefix}{column}"
     tracking.use_tracking()
-    mlflow.set_experiment(params.experiment)
+    tracking.ensure_experiment(params.experiment)
     with mlflow.start_run(run_name=f"base-{column}") as run:
         here_hashes = {"data_hash": tracking.data_hash(), "split_hash": split_hash(prepared.table)}
         mlflow.set_tags({**tracking.git_tags(), **here_hashes, "base_task": column, "task_kind": task.kind})
@@ -289,7 +289,7 @@ def run_sweep(params: TransferParams) -> pd.DataFrame:
     data, _, _ = split_data(downsampled(prepared.images, params.image_size), prepared.table, attributes)
     inits = [SCRATCH, *(f"models:/{params.base_prefix}{base}@{tracking.CHAMPION}" for base in params.bases)]
     tracking.use_tracking()
-    mlflow.set_experiment(params.experiment)
+    tracking.ensure_experiment(params.experiment)
     rows = []
     with mlflow.start_run(run_name="transfer-sweep") as parent:
         mlflow.set_tags({**tracking.git_tags(), "data_hash": tracking.data_hash(), "split_hash": split_hash(prepared.table)})

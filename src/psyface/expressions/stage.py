@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
@@ -40,6 +39,7 @@ from psyface.expressions.served import ExpressionClassifier, LandmarkExpressionM
 from psyface.io import replace_dir_atomic, write_atomic, write_csv_atomic, write_json_atomic
 from psyface.landmarks import OUT_FILE as NORMALISED_FILE
 from psyface.landmarks import NormalisedLandmarks, coordinate_columns, flatten
+from psyface import tracking
 from psyface.split import SPLITS
 
 REPORT_DIR = Path("reports/landmarks")
@@ -269,11 +269,6 @@ def write_reports(
     return values
 
 
-def tracking_uri() -> str:
-    """Minimal MLflow edge until psyface.tracking lands: env override, else SQLite in mlruns/."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns/mlflow.db').resolve()}"
-
-
 def track(
     results: list[ExpressionResult], data: NormalisedLandmarks, params: ExpressionsParams, values: dict
 ) -> dict:
@@ -282,10 +277,8 @@ def track(
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri())
-    if mlflow.get_experiment_by_name(params.experiment) is None:
-        mlflow.create_experiment(params.experiment, artifact_location=Path("mlruns/artifacts").resolve().as_uri())
-    mlflow.set_experiment(params.experiment)
+    tracking.use_tracking()
+    tracking.ensure_experiment(params.experiment)
     flat_params = pd.json_normalize(asdict(params), sep=".").iloc[0].to_dict()
     with mlflow.start_run(run_name="expressions") as parent:
         mlflow.log_params({k: str(v) for k, v in flat_params.items()})
