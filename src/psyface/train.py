@@ -83,7 +83,7 @@ class TrainParams:
     warmup_epochs: float = 1.0
     patience: int = 4
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware has it natively
     compile: bool = False  # torch.compile, CUDA only
     experiment: str = "psyface"
     augmentation: Augmentation = field(default_factory=Augmentation)
@@ -177,6 +177,17 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether training runs under bf16 autocast. `auto` picks it where bf16 is native (CUDA, CPUs
+    with AVX-512 BF16 or AMX: about 2x faster than fp32 there) and stays fp32 where it would be
+    emulated and slower."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def predict_standardised(net: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device,
                          autocast: bool) -> np.ndarray:
     net.eval()
@@ -200,7 +211,7 @@ def train_epochs(
 ) -> TrainState:
     """Train from `state` (fresh or restored) until the epoch budget or early stopping; calls
     `on_epoch(state)` after each epoch with a state that resumes bit-identically."""
-    autocast = params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda")
+    autocast = uses_bf16(params.precision, device)
     model = torch.compile(net) if params.compile and device.type == "cuda" else net
     steps = math.ceil(len(train.images) / params.batch_size)
     trainable = [parameter for parameter in net.parameters() if parameter.requires_grad]  # frozen ones stay put
@@ -390,7 +401,8 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
         else:
             mlflow.log_params(tracking.flatten(all_params))
             mlflow.set_tags({**tracking.git_tags(), "data_hash": tracking.data_hash(), "dataset": dataset.name,
-                             "split_hash": split_hash(table)})
+                             "split_hash": split_hash(table), "device": device.type,
+                             "autocast": "bf16" if uses_bf16(params.precision, device) else "fp32"})
             with warnings.catch_warnings():  # MLflow registers two equivalent local-file source types
                 warnings.simplefilter("ignore", UserWarning)
                 source = mlflow.data.from_pandas(table, source=str(PREPARED_DIR.resolve()), name=dataset.name)

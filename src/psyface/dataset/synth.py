@@ -67,12 +67,14 @@ LATENT_REGIONS = {
     "hidden": [],
 }
 # Expression shifts of the per-image latents (mouth/brow/eye), before per-image variation.
+# Sized so each expression's main shift is at least 4 SDs of neutral's spread (identity + per-image):
+# with 30 % smaller shifts neutral, which borders every other expression, stayed near 94 % accuracy.
 EXPRESSION_EFFECTS: dict[str, dict[str, float]] = {
     "neutral": {},
-    "happy": {"mouth_curve": 1.4},
-    "sad": {"mouth_curve": -1.2, "brow_angle": -0.8},
-    "surprised": {"mouth_open": 1.0, "brow_raise": 1.0, "eye_open": 0.6},
-    "angry": {"brow_angle": 1.4, "mouth_curve": -0.4},
+    "happy": {"mouth_curve": 1.8},
+    "sad": {"mouth_curve": -1.55, "brow_angle": -1.05},
+    "surprised": {"mouth_open": 1.3, "brow_raise": 1.3, "eye_open": 0.8},
+    "angry": {"brow_angle": 1.8, "mouth_curve": -0.5},
 }
 LANDMARK_REGIONS = {
     "jaw": list(range(0, 9)),
@@ -81,6 +83,13 @@ LANDMARK_REGIONS = {
     "nose": list(range(27, 30)),
     "mouth": list(range(30, 38)),
 }
+
+
+# The canonical face frame is magnified by FRAMING about FACE_CENTRE so the head fills the image from
+# hair to chin, as in cropped face databases: at the 64 px training size the mouth, cheeks and eyes
+# then span several pixels instead of one or two (which capped what a CNN could read from them).
+FRAMING = 1.35
+FACE_CENTRE = np.array([0.5, 0.51])
 
 
 @dataclass(frozen=True)
@@ -160,10 +169,10 @@ def sample_face(identity: dict[str, float], rng: np.random.Generator) -> tuple[s
 def _pose(face: Face, size: int):  # noqa: ANN202 - returns a point transform
     n = face.nuisance
     angle = math.radians(n["roll"])
-    cos, sin, zoom = math.cos(angle), math.sin(angle), n["zoom"]
+    cos, sin, zoom = math.cos(angle), math.sin(angle), n["zoom"] * FRAMING
 
     def transform(points: np.ndarray, scale: float = 1.0) -> list[tuple[float, float]]:
-        centred = (np.asarray(points, dtype=np.float64) - 0.5) * zoom
+        centred = (np.asarray(points, dtype=np.float64) - FACE_CENTRE) * zoom
         x = centred[:, 0] * cos - centred[:, 1] * sin + 0.5 + n["dx"]
         y = centred[:, 0] * sin + centred[:, 1] * cos + 0.5 + n["dy"]
         return [(float(a), float(b)) for a, b in zip(x * size * scale, y * size * scale)]
