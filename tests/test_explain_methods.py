@@ -5,7 +5,7 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 
 from psyface.errors import PsyfaceError
-from psyface.explain.methods import METHODS, MethodOptions, attribute
+from psyface.explain.methods import METHODS, MethodOptions, attribute, gradcam_grid, vgg_conv_names
 from psyface.model import AttributeNet
 
 from tests.explain_models import SIZE, images, tiny_vgg  # noqa: F401 (images: a fixture)
@@ -59,3 +59,24 @@ def test_gradcam_on_a_backbone_that_cannot_be_split_gives_the_same_maps(images):
     model = tiny_vgg(n_outputs=3)
     wrapped = AttributeNet(Backbone(model.features), model.pre_logits, model.last_layer).eval()
     torch.testing.assert_close(attribute(wrapped, images, "gradcam"), attribute(model, images, "gradcam"), rtol=1e-4, atol=1e-7)
+
+
+def test_gradcam_on_a_named_earlier_convolution_is_captums_on_that_layer_at_its_finer_grid(images):
+    model = tiny_vgg(n_outputs=3)
+    options = MethodOptions(gradcam_layer="conv2_1")
+    assert vgg_conv_names(model.features) == {"conv1_1": 0, "conv2_1": 3, "conv3_1": 6}
+    assert gradcam_grid(model, images, "conv2_1") == (16, 16) and gradcam_grid(model, images) == (8, 8)
+    maps = attribute(model, images, "gradcam", options)
+    cam = LayerGradCam(model, model.features[3]).attribute(images, target=1, relu_attributions=True)
+    cam = LayerAttribution.interpolate(cam, (SIZE, SIZE), interpolate_mode="bilinear")
+    torch.testing.assert_close(maps[:, 1], cam[:, 0].detach(), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(maps, attribute(model, images, "gradcam"))
+
+
+def test_an_unknown_gradcam_layer_is_a_user_error_naming_the_layers(images):
+    with pytest.raises(PsyfaceError, match=r"unknown gradcam_layer 'conv9_9'.*'conv1_1', 'conv2_1', 'conv3_1'"):
+        attribute(tiny_vgg(), images, "gradcam", MethodOptions(gradcam_layer="conv9_9"))
+    model = tiny_vgg()
+    wrapped = AttributeNet(Backbone(model.features), model.pre_logits, model.last_layer).eval()
+    with pytest.raises(PsyfaceError, match="needs a VGG architecture"):
+        attribute(wrapped, images, "gradcam", MethodOptions(gradcam_layer="conv2_1"))

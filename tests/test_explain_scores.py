@@ -9,6 +9,7 @@ from psyface.explain.methods import MethodOptions, attribute
 from psyface.explain.scores import (
     area_under_curve,
     deletion_curves,
+    grid_reference,
     mask_share,
     pointing_game,
     randomisation_correlation,
@@ -88,3 +89,13 @@ def test_a_method_that_ignores_the_weights_fails_the_randomisation_check(images)
     assert ignores_weights.shape == (9,)
     assert ignores_weights.mean() == pytest.approx(1.0)
     assert uses_weights.mean() < ignores_weights.mean() - 0.3
+
+
+def test_grid_reference_is_near_one_on_a_fine_grid_and_low_for_a_small_region_on_a_coarse_one():
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[0, 8:24, 8:24] = True  # a quarter of the image, aligned with a 2x2 grid
+    masks[1, 14:18, 14:18] = True  # 16 pixels in the middle
+    np.testing.assert_allclose(grid_reference(masks, (32, 32)), [1.0, 1.0], atol=1e-6)
+    coarse = grid_reference(masks, (2, 2))  # every cell holds the same amount of either mask: chance
+    np.testing.assert_allclose(coarse, [0.25, 16 / 1024], rtol=1e-4)
+    assert 0.5 < grid_reference(masks[:1], (4, 4))[0] < 0.9  # the 4 central cells, blurred by upsampling

@@ -36,6 +36,7 @@ class MethodOptions:
     occlusion_window: int = 8
     occlusion_stride: int = 4
     occlusion_batch: int = 64  # occluded images per forward pass
+    gradcam_layer: str = "last"  # last: the last convolution; convB_L: VGG block B, layer L (a finer grid)
 
 
 AttributionFn = Callable[[nn.Module, torch.Tensor, MethodOptions], torch.Tensor]
@@ -61,26 +62,56 @@ def expand_targets(rows: torch.Tensor, n_targets: int) -> tuple[torch.Tensor, to
     return expanded, targets
 
 
-def split_at_last_conv(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+def vgg_conv_names(features: nn.Sequential) -> dict[str, int]:
+    """VGG's names for the convolutions of a `features` stack ('conv1_1' ... 'conv5_3') -> index."""
+    names, block, layer = {}, 1, 0
+    for index, module in enumerate(features):
+        if isinstance(module, nn.Conv2d):
+            layer += 1
+            names[f"conv{block}_{layer}"] = index
+        elif isinstance(module, nn.MaxPool2d):
+            block, layer = block + 1, 0
+    return names
+
+
+def split_at_conv(model: nn.Module, layer_name: str = "last") -> tuple[nn.Module, nn.Module, nn.Module]:
     """(trunk, tail, layer): `tail(trunk(x)) == model(x)`, `layer` is where Grad-CAM attributes.
 
-    For a VGG-like `features` Sequential the trunk ends at the last convolution and the tail starts
-    with an Identity standing for its output, so the expensive trunk runs once per image while only
-    the cheap tail is repeated per attribute. Other backbones attribute on the whole model.
-    The tail may hold in-place ReLUs: only Captum (which hooks a copy of the layer output) runs it.
+    For a VGG-like `features` Sequential the trunk ends at the named convolution (`last`: the last
+    one) and the tail starts with an Identity standing for its output, so the expensive trunk runs
+    once per image while only the tail is repeated per attribute. Other backbones attribute on the
+    whole model at their last convolution. The tail may hold in-place ReLUs: only Captum (which
+    hooks a copy of the layer output) runs it.
     """
     features = getattr(model, "features", None)
     if not isinstance(features, nn.Sequential):
+        if layer_name != "last":
+            raise PsyfaceError(f"gradcam_layer {layer_name!r} needs a VGG architecture; use 'last'")
         return nn.Identity(), model, model.last_conv  # type: ignore[return-value]
-    last = max(i for i, layer in enumerate(features) if isinstance(layer, nn.Conv2d))
+    names = vgg_conv_names(features)
+    if layer_name == "last":
+        index = max(names.values())
+    elif layer_name in names:
+        index = names[layer_name]
+    else:
+        raise PsyfaceError(f"unknown gradcam_layer {layer_name!r}; this network has 'last' and {list(names)}")
     layer = nn.Identity()
-    tail = nn.Sequential(layer, *features[last + 1 :], model.pre_logits, model.last_layer)
-    return features[: last + 1], tail.eval(), layer
+    tail = nn.Sequential(layer, *features[index + 1 :], model.pre_logits, model.last_layer)
+    return features[: index + 1], tail.eval(), layer
+
+
+def gradcam_grid(model: nn.Module, images: torch.Tensor, layer_name: str = "last") -> tuple[int, int]:
+    """Height and width of the Grad-CAM layer's output for inputs like `images`: the map's resolution."""
+    trunk, tail, _ = split_at_conv(model, layer_name)
+    with torch.no_grad():
+        if isinstance(trunk, nn.Identity):
+            return tuple(model.features(images[:1]).shape[-2:])  # type: ignore[return-value]
+        return tuple(trunk(images[:1]).shape[-2:])  # type: ignore[return-value]
 
 
 def gradcam(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
-    """Grad-CAM (ReLU of the gradient-weighted last-conv channels), upsampled bilinearly."""
-    trunk, tail, layer = split_at_last_conv(model)
+    """Grad-CAM (ReLU of the gradient-weighted channels of `options.gradcam_layer`), upsampled bilinearly."""
+    trunk, tail, layer = split_at_conv(model, options.gradcam_layer)
     with torch.no_grad():
         activations = trunk(images)
     expanded, targets = expand_targets(activations, n_outputs(model))

@@ -30,6 +30,16 @@ def relevance_mass_accuracy(relevance_maps: torch.Tensor, masks: torch.Tensor) -
     return share.numpy()
 
 
+def grid_reference(masks: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """Relevance mass accuracy of the ground-truth mask itself seen through a coarse grid (area-pooled
+    to it, then upsampled bilinearly as Grad-CAM is): roughly the best a map computed on that grid can
+    score, so a low Grad-CAM score can be told apart from a coarse layer. (N, H, W) -> (N,)."""
+    pooled = torch.nn.functional.adaptive_avg_pool2d(masks.float()[:, None], grid)
+    upsampled = torch.nn.functional.interpolate(pooled, size=tuple(masks.shape[-2:]), mode="bilinear",
+                                                align_corners=False)[:, 0].clamp_min(0)
+    return relevance_mass_accuracy(upsampled, masks)
+
+
 def pointing_game(relevance_maps: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
     """1.0 where the most relevant pixel lies in the mask, else 0.0; NaN for empty masks or maps."""
     flat = relevance_maps.flatten(1)

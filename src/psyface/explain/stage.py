@@ -26,10 +26,11 @@ from psyface.config import load_section
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.explain import figures
-from psyface.explain.methods import METHODS, Method, MethodOptions, attribute
+from psyface.explain.methods import METHODS, Method, MethodOptions, attribute, gradcam_grid
 from psyface.explain.scores import (
     area_under_curve,
     deletion_curves,
+    grid_reference,
     mask_share,
     pointing_game,
     randomisation_correlation,
@@ -111,8 +112,11 @@ def compute_maps(
     return torch.cat([attribute(net, batch, method, options) for batch in tqdm(batches, desc=f"explain: {method}", disable=not progress)])
 
 
-def localisation(rel: torch.Tensor, masks: dict[str, np.ndarray], attributes: list[str]) -> dict[str, Any]:
-    """Relevance mass accuracy and pointing game per attribute, beside their chance level."""
+def localisation(
+    rel: torch.Tensor, masks: dict[str, np.ndarray], attributes: list[str], grid: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """Relevance mass accuracy and pointing game per attribute, beside their chance level and, for
+    maps computed on a coarse `grid` (Grad-CAM), the mask's own score on that grid."""
     scores = {}
     for name, mask in masks.items():
         column = attributes.index(name)
@@ -121,6 +125,7 @@ def localisation(rel: torch.Tensor, masks: dict[str, np.ndarray], attributes: li
             "relevance_mass_accuracy": nan_mean(relevance_mass_accuracy(rel[:, column], truth)),
             "pointing_game": nan_mean(pointing_game(rel[:, column], truth)),
             "chance": nan_mean(mask_share(truth)),
+            **({"grid_reference": nan_mean(grid_reference(truth, grid))} if grid else {}),
             "images": len(truth),
         }
     return scores
@@ -147,9 +152,14 @@ def quality(
     Returns the scores and the method's mean deletion curve (for the figure).
     """
     rel = relevance(maps)
-    result: dict[str, Any] = {"localisation": localisation(rel, test.region_masks, attributes)}
+    result: dict[str, Any] = {}
+    grid = None
+    if method == "gradcam":
+        grid = gradcam_grid(net, inputs, params.options.gradcam_layer)
+        result.update(layer=params.options.gradcam_layer, grid=list(grid))
+    result["localisation"] = localisation(rel, test.region_masks, attributes, grid)
     if test.attention_masks:
-        result["human_attention"] = localisation(rel, test.attention_masks, attributes)
+        result["human_attention"] = localisation(rel, test.attention_masks, attributes, grid)
     rmas = [v["relevance_mass_accuracy"] for v in result["localisation"].values() if v["relevance_mass_accuracy"] is not None]
     result["worst_relevance_mass_accuracy"] = min(rmas) if rmas else None
 
