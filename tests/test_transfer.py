@@ -109,6 +109,7 @@ def test_sweep_logs_one_nested_run_per_cell_and_the_report(project: Path):
     assert sorted(zip(table["fraction"], table["init"], strict=True)) == [
         (0.5, "gender"), (0.5, "scratch"), (1.0, "gender"), (1.0, "scratch")]
     assert (table["n_train"].iloc[0] < table["n_train"].iloc[-1])
+    assert (table["epochs"] == TINY["epochs"]).all()  # min_steps unset: every cell trains `epochs`
     parent = mlflow.search_runs(experiment_names=["tests-transfer"], filter_string="tags.mlflow.runName = 'transfer-sweep'",
                                 output_format="list")[0]
     children = mlflow.search_runs(experiment_names=["tests-transfer"],
@@ -121,6 +122,13 @@ def test_sweep_logs_one_nested_run_per_cell_and_the_report(project: Path):
     assert set(metrics["curve"]["0.5"]) == {"scratch", "gender"}
     assert metrics["curve"]["0.5"]["scratch"]["gain_vs_scratch"] == 0
     assert (project / "reports/transfer/curve.png").stat().st_size > 0
+
+
+def test_small_fractions_train_more_epochs_up_to_the_minimum_number_of_steps():
+    assert transfer.cell_epochs(n_train=96, batch_size=32, epochs=8, min_steps=120) == 40  # 3 steps an epoch
+    assert transfer.cell_epochs(n_train=100, batch_size=32, epochs=8, min_steps=120) == 30  # 4 steps an epoch
+    assert transfer.cell_epochs(n_train=960, batch_size=32, epochs=8, min_steps=120) == 8  # 240 steps already
+    assert transfer.cell_epochs(n_train=96, batch_size=32, epochs=8, min_steps=0) == 8
 
 
 def test_nested_subsets_grow_by_adding_rows():

@@ -57,6 +57,7 @@ class TransferParams:
     bases: list[str] = field(default_factory=lambda: ["gender", "age_band", "expression"])
     base_prefix: str = "psyface-base-"
     base_epochs: int = 4
+    min_steps: int = 0  # a sweep cell with fewer optimiser steps than this trains more epochs (small fractions)
     image_size: int = 0  # train at this side (area-downsampled from the prepared array); 0: as prepared
     attributes: list[str] = field(default_factory=list)  # sweep targets; empty: every attribute not a base
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
@@ -240,6 +241,13 @@ def nested_subsets(n: int, fractions: list[float], seed: int) -> dict[float, np.
     return {f: np.sort(order[: max(2, round(f * n))]) for f in fractions}
 
 
+def cell_epochs(n_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """Epochs of one sweep cell: `epochs`, or more where that gives fewer than `min_steps` optimiser
+    steps, so the small fractions of a learning curve are not compared half-trained."""
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    return max(epochs, math.ceil(min_steps / steps_per_epoch))
+
+
 def run_cell(data: dict[str, Data], subset: np.ndarray, recipe: TrainParams,
              attributes: list[str]) -> tuple[np.ndarray, dict[str, str], TrainState, torch.nn.Module]:
     """One sweep cell: build, initialise (`recipe.init`), freeze, fit on `subset` of train; test r per attribute."""
@@ -298,7 +306,9 @@ def run_sweep(params: TransferParams) -> pd.DataFrame:
             subsets = nested_subsets(len(data["train"].images), params.fractions, seed)
             for fraction in params.fractions:
                 for init in inits:
-                    recipe = dataclasses.replace(params.train, init=init, seed=seed)
+                    epochs = cell_epochs(len(subsets[fraction]), params.train.batch_size, params.train.epochs,
+                                         params.min_steps)
+                    recipe = dataclasses.replace(params.train, init=init, seed=seed, epochs=epochs)
                     label = "scratch" if init == SCRATCH else init.removeprefix(f"models:/{params.base_prefix}").split("@")[0]
                     with mlflow.start_run(run_name=f"{label}-{fraction:g}-s{seed}", nested=True):
                         r, tags, state, _ = run_cell(data, subsets[fraction], recipe, attributes)
@@ -306,9 +316,10 @@ def run_sweep(params: TransferParams) -> pd.DataFrame:
                                          "freeze_blocks": str(recipe.freeze)})
                         metrics = {f"test_r_{a}": float(v) for a, v in zip(attributes, r, strict=True)}
                         metrics.update(test_mean_r=float(r.mean()), best_val_mean_r=state.best_r,
-                                       n_train=len(subsets[fraction]))
+                                       n_train=len(subsets[fraction]), epochs=epochs)
                         mlflow.log_metrics(metrics)
                     rows.append({"fraction": fraction, "init": label, "seed": seed, "n_train": len(subsets[fraction]),
+                                 "epochs": epochs,
                                  "base_version": tags.get("init.model_version", ""), "mean_r": float(r.mean()),
                                  **{f"r_{a}": float(v) for a, v in zip(attributes, r, strict=True)}})
         table = pd.DataFrame(rows)
@@ -331,6 +342,7 @@ def write_report(table: pd.DataFrame, summary: pd.DataFrame, attributes: list[st
     best = bases.loc[bases["gain_vs_scratch"].idxmax()] if len(bases) else None
     metrics = {"transfer": {
         "attributes": attributes, "n_train_full": n_train, "arch": params.train.arch, "epochs": params.train.epochs,
+        "min_steps": params.min_steps,
         "image_size": params.image_size,
         "seeds": params.seeds, "wall_s": round(wall_s, 1),
         "curve": {f"{row.fraction:g}": {} for row in summary.itertuples()},
