@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -127,6 +128,14 @@ def test_served_model_answers_image_bytes_on_loopback(project):
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+        body["dataframe_split"]["data"].append([base64.b64encode(b"not an image").decode()])
+        bad = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bad, timeout=60)
+        assert refused.value.code == 400
+        message = json.loads(refused.value.read())["message"]
+        assert "1 of 2 row(s) could not be used: row 1: [undecodable]" in message and "Traceback" not in message
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)

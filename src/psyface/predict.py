@@ -22,7 +22,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from psyface.errors import PsyfaceError, entry_point
-from psyface.images import load_image, load_images, problems_message
+from psyface.images import ImageProblem, load_image, load_images, problems_message
 from psyface.io import write_atomic
 from psyface.model import ModelSpec, load_trained, predict_ratings
 
@@ -39,15 +39,23 @@ def signature(spec: ModelSpec) -> ModelSignature:
 
 
 def images_from_frame(frame: pd.DataFrame, size: int) -> np.ndarray:
-    """Decode each row's `image` bytes (or else its `path`) into a uint8 (N, size, size, 3) array."""
+    """Decode each row's `image` bytes (or else its `path`) into a uint8 (N, size, size, 3) array.
+
+    Every unusable row is named (index and rule) in one ValueError: a batch is answered whole or not at
+    all, never with rows silently dropped."""
     if IMAGE_COLUMN not in frame and PATH_COLUMN not in frame:
         raise ValueError(f"input needs a column {IMAGE_COLUMN!r} (bytes) or {PATH_COLUMN!r}; got {list(frame.columns)}")
-    images = []
+    images, problems = [], []
     for index, row in enumerate(frame.to_dict("records")):
         source = row.get(IMAGE_COLUMN)
         if source is None or (isinstance(source, float) and np.isnan(source)):
             source = Path(str(row.get(PATH_COLUMN)))
-        images.append(load_image(bytes(source) if not isinstance(source, Path) else source, size))
+        try:
+            images.append(load_image(bytes(source) if not isinstance(source, Path) else source, size))
+        except ImageProblem as problem:
+            problems.append(f"row {index}: [{problem.reason}] {problem}")
+    if problems:
+        raise ValueError(f"{len(problems)} of {len(frame)} row(s) could not be used: " + "; ".join(problems))
     return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
 
 
@@ -62,7 +70,14 @@ class AttributePyfunc(mlflow.pyfunc.PythonModel):
         self.net, self.spec = load_trained(Path(context.artifacts["weights"]), Path(context.artifacts["spec"]))
 
     def predict(self, context: object, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        return ratings_frame(predict_ratings(self.net, self.spec, images_from_frame(model_input, self.spec.image_size)), self.spec)
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            images = images_from_frame(model_input, self.spec.image_size)
+        except ValueError as error:  # a caller's mistake: HTTP 400 with the reason when served
+            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+        return ratings_frame(predict_ratings(self.net, self.spec, images), self.spec)
 
 
 def image_files(inputs: list[Path]) -> list[Path]:
