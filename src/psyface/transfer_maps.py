@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.explain.figures import overlay, save_mosaic
 from psyface.explain.methods import attribute
-from psyface.explain.scores import mask_share, relevance, relevance_mass_accuracy
+from psyface.explain.scores import defined_mean, mask_share, relevance, relevance_mass_accuracy
 from psyface.errors import PsyfaceError
 from psyface.io import write_csv_atomic, write_json_atomic
 from psyface.model import AttributeNet, build_model, to_input
@@ -68,14 +68,8 @@ def localisation(maps: np.ndarray, bitfields: np.ndarray, dataset: DatasetSpec, 
             continue
         masks = torch.as_tensor(dataset.attribute_mask(bitfields, name))
         rma = relevance_mass_accuracy(torch.as_tensor(maps[:, index]), masks)
-        scores[name] = {"relevance_mass": nan_mean(rma), "chance": nan_mean(mask_share(masks))}
+        scores[name] = {"relevance_mass": defined_mean(rma), "chance": defined_mean(mask_share(masks))}
     return scores
-
-
-def nan_mean(values: np.ndarray) -> float:
-    """Mean of the defined values; NaN (without a warning) when none is defined."""
-    defined = values[np.isfinite(values)]
-    return float(defined.mean()) if defined.size else float("nan")
 
 
 def spread(maps: np.ndarray) -> float:
@@ -183,8 +177,8 @@ def run_heads(params: TransferParams, max_images: int = 64) -> pd.DataFrame:
                "lrp_entropy_bits": spread(maps)}
         if bitfields is not None and dataset.attributes[name].regions:
             masks = torch.as_tensor(dataset.attribute_mask(bitfields, name))
-            row["lrp_relevance_mass"] = nan_mean(relevance_mass_accuracy(torch.as_tensor(maps.mean(1)), masks))
-            row["mask_share"] = nan_mean(mask_share(masks))
+            row["lrp_relevance_mass"] = defined_mean(relevance_mass_accuracy(torch.as_tensor(maps.mean(1)), masks))
+            row["mask_share"] = defined_mean(mask_share(masks))
         rows.append(row)
     table = pd.DataFrame(rows)
     write_csv_atomic(table, REPORT_DIR / "heads.csv")

@@ -21,6 +21,12 @@ def relevance(maps: torch.Tensor) -> torch.Tensor:
     return maps.abs()
 
 
+def defined_mean(values: np.ndarray, undefined: float | None = float("nan")) -> float | None:
+    """Mean of the finite values (scores are NaN where undefined); `undefined` when there are none."""
+    defined = values[np.isfinite(values)]
+    return float(defined.mean()) if defined.size else undefined
+
+
 def relevance_mass_accuracy(relevance_maps: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
     """Share of each map's relevance inside its mask, (N, H, W) -> (N,); NaN where undefined."""
     total = relevance_maps.flatten(1).sum(1)

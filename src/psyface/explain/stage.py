@@ -29,6 +29,7 @@ from psyface.explain import figures
 from psyface.explain.methods import METHODS, Method, MethodOptions, attribute, gradcam_grid
 from psyface.explain.scores import (
     area_under_curve,
+    defined_mean,
     deletion_curves,
     grid_reference,
     mask_share,
@@ -122,19 +123,13 @@ def localisation(
         column = attributes.index(name)
         truth = torch.from_numpy(mask[: len(rel)])
         scores[name] = {
-            "relevance_mass_accuracy": nan_mean(relevance_mass_accuracy(rel[:, column], truth)),
-            "pointing_game": nan_mean(pointing_game(rel[:, column], truth)),
-            "chance": nan_mean(mask_share(truth)),
-            **({"grid_reference": nan_mean(grid_reference(truth, grid))} if grid else {}),
+            "relevance_mass_accuracy": defined_mean(relevance_mass_accuracy(rel[:, column], truth), undefined=None),
+            "pointing_game": defined_mean(pointing_game(rel[:, column], truth), undefined=None),
+            "chance": defined_mean(mask_share(truth), undefined=None),
+            **({"grid_reference": defined_mean(grid_reference(truth, grid), undefined=None)} if grid else {}),
             "images": len(truth),
         }
     return scores
-
-
-def nan_mean(values: np.ndarray) -> float | None:
-    """Mean of the defined values; None (JSON null) when none is defined."""
-    defined = values[~np.isnan(values)]
-    return float(defined.mean()) if len(defined) else None
 
 
 def mean_maps(rel: torch.Tensor) -> np.ndarray:
