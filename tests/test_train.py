@@ -182,3 +182,14 @@ def test_per_attribute_trains_nested_runs_and_one_model(tmp_path, monkeypatch, s
     net, spec = load_model(run["model_uri"])
     assert sorted(c.data.tags["attribute"] for c in children) == sorted(spec.attributes)
     assert spec.per_attribute and net(torch.zeros(2, 3, 32, 32)).shape == (2, len(spec.attributes))
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx"), [(True, False), (False, True), (False, False)])
+def test_auto_precision_uses_bf16_only_where_the_hardware_has_it(monkeypatch, avx512_bf16, amx):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert train_module.uses_bf16("auto", cpu) is (avx512_bf16 or amx)
+    assert train_module.uses_bf16("auto", torch.device("cuda")) is True
+    assert train_module.uses_bf16("fp32", torch.device("cuda")) is False
+    assert train_module.uses_bf16("bf16", cpu) is True
