@@ -99,3 +99,10 @@ def test_grid_reference_is_near_one_on_a_fine_grid_and_low_for_a_small_region_on
     coarse = grid_reference(masks, (2, 2))  # every cell holds the same amount of either mask: chance
     np.testing.assert_allclose(coarse, [0.25, 16 / 1024], rtol=1e-4)
     assert 0.5 < grid_reference(masks[:1], (4, 4))[0] < 0.9  # the 4 central cells, blurred by upsampling
+
+
+def test_randomisation_correlation_ranks_magnitudes_unless_asked_for_signs():
+    maps = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(randomisation_correlation(maps, -maps), 1.0, atol=1e-9)  # same |map|
+    np.testing.assert_allclose(randomisation_correlation(maps, -maps, signed=True), -1.0, atol=1e-9)
+    np.testing.assert_allclose(randomisation_correlation(maps, maps, signed=True), 1.0, atol=1e-9)

@@ -118,12 +118,15 @@ def randomised_copy(model: nn.Module, seed: int) -> nn.Module:
     return randomised.eval()
 
 
-def randomisation_correlation(trained_maps: torch.Tensor, randomised_maps: torch.Tensor) -> np.ndarray:
+def randomisation_correlation(trained_maps: torch.Tensor, randomised_maps: torch.Tensor, signed: bool = False) -> np.ndarray:
     """Rank correlation of |maps| (N, A, H, W) of the trained and the randomised model -> (N * A,).
 
     A method whose maps survive randomising the weights explains the input, not the model: it fails
-    the sanity check (high correlation).
+    the sanity check (high correlation). `signed` ranks the maps with their signs (Adebayo et al.
+    report both): a method can keep the input's structure in |map| while its signs become random.
     """
-    trained = relevance(trained_maps).flatten(2).flatten(0, 1)
-    randomised = relevance(randomised_maps).flatten(2).flatten(0, 1)
+    if not signed:
+        trained_maps, randomised_maps = relevance(trained_maps), relevance(randomised_maps)
+    trained = trained_maps.flatten(2).flatten(0, 1)
+    randomised = randomised_maps.flatten(2).flatten(0, 1)
     return rank_correlation(trained.numpy(), randomised.numpy())

@@ -166,7 +166,9 @@ def quality(
     s = min(params.sanity_images, len(maps))
     randomised = compute_maps(randomised_copy(net, params.seed), inputs[:s], method, params.options, params.batch_size)
     correlation = float(randomisation_correlation(maps[:s], randomised).mean())
-    result["randomisation"] = {"rank_correlation": correlation, "passed": correlation < params.sanity_threshold, "images": s}
+    signed = float(randomisation_correlation(maps[:s], randomised, signed=True).mean())
+    result["randomisation"] = {"rank_correlation": correlation, "passed": correlation < params.sanity_threshold,
+                               "rank_correlation_signed": signed, "images": s}
     return result, curves.mean(axis=(0, 1))
 
 
