@@ -6,7 +6,7 @@ from captum.attr import LayerAttribution, LayerGradCam
 
 from psyface.errors import PsyfaceError
 from psyface.explain.methods import METHODS, MethodOptions, attribute, gradcam_grid, vgg_conv_names
-from psyface.model import AttributeNet
+from psyface.model import AttributeEnsemble, AttributeNet
 
 from tests.explain_models import SIZE, images, tiny_vgg  # noqa: F401 (images: a fixture)
 
@@ -80,3 +80,13 @@ def test_an_unknown_gradcam_layer_is_a_user_error_naming_the_layers(images):
     wrapped = AttributeNet(Backbone(model.features), model.pre_logits, model.last_layer).eval()
     with pytest.raises(PsyfaceError, match="needs a VGG architecture"):
         attribute(wrapped, images, "gradcam", MethodOptions(gradcam_layer="conv2_1"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_per_attribute_ensemble_is_explained_by_the_member_that_predicts_each_attribute(method, images):
+    members = [tiny_vgg(n_outputs=1, seed=seed) for seed in (1, 2, 3)]
+    maps = attribute(AttributeEnsemble(members), images, method, OPTIONS)
+    assert maps.shape == (3, 3, SIZE, SIZE)
+    for k, member in enumerate(members):
+        torch.testing.assert_close(maps[:, k : k + 1], attribute(member, images, method, OPTIONS))
+    assert gradcam_grid(AttributeEnsemble(members), images) == gradcam_grid(members[0], images)

@@ -182,6 +182,10 @@ def test_per_attribute_trains_nested_runs_and_one_model(tmp_path, monkeypatch, s
     net, spec = load_model(run["model_uri"])
     assert sorted(c.data.tags["attribute"] for c in children) == sorted(spec.attributes)
     assert spec.per_attribute and net(torch.zeros(2, 3, 32, 32)).shape == (2, len(spec.attributes))
+    from psyface.explain.methods import attribute
+
+    maps = attribute(net, torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), "gradcam")
+    assert maps.shape == (2, len(spec.attributes), 32, 32) and torch.isfinite(maps).all()
 
 
 @pytest.mark.parametrize(("avx512_bf16", "amx"), [(True, False), (False, True), (False, False)])

@@ -19,7 +19,7 @@ from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule
 from torch import nn
 
 from psyface.errors import PsyfaceError
-from psyface.model import IMAGENET_MEAN, IMAGENET_STD
+from psyface.model import IMAGENET_MEAN, IMAGENET_STD, AttributeEnsemble
 
 Method = Literal["gradcam", "integrated_gradients", "lrp", "occlusion"]
 METHODS: tuple[Method, ...] = ("gradcam", "integrated_gradients", "lrp", "occlusion")
@@ -43,10 +43,15 @@ AttributionFn = Callable[[nn.Module, torch.Tensor, MethodOptions], torch.Tensor]
 
 
 def attribute(model: nn.Module, images: torch.Tensor, method: Method, options: MethodOptions = MethodOptions()) -> torch.Tensor:
-    """Maps (N, A, H, W) of every output of `model` for normalised `images` (N, 3, H, W)."""
+    """Maps (N, A, H, W) of every output of `model` for normalised `images` (N, 3, H, W).
+
+    A per-attribute ensemble (the peer's protocol) is explained member by member: attribute k's map
+    comes from the network that predicts it (its own last convolution for Grad-CAM)."""
     if method not in ATTRIBUTIONS:
         raise PsyfaceError(f"unknown attribution method {method!r}; known: {list(METHODS)}")
     model.eval()
+    if isinstance(model, AttributeEnsemble):
+        return torch.cat([attribute(member, images, method, options) for member in model.members], dim=1)
     return ATTRIBUTIONS[method](model, images, options).detach().float()
 
 
@@ -102,7 +107,9 @@ def split_at_conv(model: nn.Module, layer_name: str = "last") -> tuple[nn.Module
 
 def gradcam_grid(model: nn.Module, images: torch.Tensor, layer_name: str = "last") -> tuple[int, int]:
     """Height and width of the Grad-CAM layer's output for inputs like `images`: the map's resolution."""
-    trunk, tail, _ = split_at_conv(model, layer_name)
+    if isinstance(model, AttributeEnsemble):
+        model = model.members[0]
+    trunk, _, _ = split_at_conv(model, layer_name)
     with torch.no_grad():
         if isinstance(trunk, nn.Identity):
             return tuple(model.features(images[:1]).shape[-2:])  # type: ignore[return-value]
