@@ -73,23 +73,26 @@ def load_image(source: Path | bytes, size: int, min_side: int = MIN_IMAGE_SIDE) 
     return np.asarray(image, dtype=np.uint8)
 
 
-def load_images(paths: list[Path], size: int) -> tuple[np.ndarray, list[Path], list[tuple[Path, ImageProblem]]]:
-    """Load user files for predict/explain: (uint8 array of the usable ones, their paths, per-file problems).
+def load_images(
+    sources: list[Path] | list[Path | bytes], size: int
+) -> tuple[np.ndarray, list[Path | bytes], list[tuple[int, ImageProblem]]]:
+    """Load user images (files or encoded bytes): (uint8 array of the usable ones, their sources,
+    (position, problem) of each unusable one).
 
-    One bad file never stops the others; every file ends up in exactly one of the two lists.
+    One bad image never stops the others; every source ends up in exactly one of the two lists.
     """
     images, loaded, problems = [], [], []
-    for path in paths:
+    for position, source in enumerate(sources):
         try:
-            images.append(load_image(path, size))
-            loaded.append(path)
+            images.append(load_image(source, size))
+            loaded.append(source)
         except ImageProblem as problem:
-            problems.append((path, problem))
+            problems.append((position, problem))
     array = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
     return array, loaded, problems
 
 
-def problems_message(problems: list[tuple[Path, ImageProblem]], total: int) -> str:
+def problems_message(problems: list[tuple[int, ImageProblem]], total: int) -> str:
     """One paragraph naming every unusable file and the rule it broke (for a PsyfaceError)."""
     listed = "; ".join(f"[{problem.reason}] {problem}" for _, problem in problems)
     return f"{len(problems)} of {total} image file(s) could not be used: {listed}"

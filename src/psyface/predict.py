@@ -22,7 +22,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from psyface.errors import PsyfaceError, entry_point
-from psyface.images import ImageProblem, load_image, load_images, problems_message
+from psyface.images import load_images, problems_message
 from psyface.io import write_atomic
 from psyface.model import ModelSpec, load_trained, predict_ratings
 
@@ -45,18 +45,16 @@ def images_from_frame(frame: pd.DataFrame, size: int) -> np.ndarray:
     all, never with rows silently dropped."""
     if IMAGE_COLUMN not in frame and PATH_COLUMN not in frame:
         raise ValueError(f"input needs a column {IMAGE_COLUMN!r} (bytes) or {PATH_COLUMN!r}; got {list(frame.columns)}")
-    images, problems = [], []
-    for index, row in enumerate(frame.to_dict("records")):
+    sources: list[Path | bytes] = []
+    for row in frame.to_dict("records"):
         source = row.get(IMAGE_COLUMN)
-        if source is None or (isinstance(source, float) and np.isnan(source)):
-            source = Path(str(row.get(PATH_COLUMN)))
-        try:
-            images.append(load_image(bytes(source) if not isinstance(source, Path) else source, size))
-        except ImageProblem as problem:
-            problems.append(f"row {index}: [{problem.reason}] {problem}")
+        missing = source is None or (isinstance(source, float) and np.isnan(source))
+        sources.append(Path(str(row.get(PATH_COLUMN))) if missing else bytes(source))
+    images, _, problems = load_images(sources, size)
     if problems:
-        raise ValueError(f"{len(problems)} of {len(frame)} row(s) could not be used: " + "; ".join(problems))
-    return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+        listed = "; ".join(f"row {row}: [{problem.reason}] {problem}" for row, problem in problems)
+        raise ValueError(f"{len(problems)} of {len(frame)} row(s) could not be used: {listed}")
+    return images
 
 
 def ratings_frame(ratings: np.ndarray, spec: ModelSpec) -> pd.DataFrame:
