@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,10 +126,17 @@ def test_sweep_logs_one_nested_run_per_cell_and_the_report(project: Path):
 
 
 def test_small_fractions_train_more_epochs_up_to_the_minimum_number_of_steps():
-    assert transfer.cell_epochs(n_train=96, batch_size=32, epochs=8, min_steps=120) == 40  # 3 steps an epoch
-    assert transfer.cell_epochs(n_train=100, batch_size=32, epochs=8, min_steps=120) == 30  # 4 steps an epoch
-    assert transfer.cell_epochs(n_train=960, batch_size=32, epochs=8, min_steps=120) == 8  # 240 steps already
-    assert transfer.cell_epochs(n_train=96, batch_size=32, epochs=8, min_steps=0) == 8
+    params = transfer.TransferParams(min_steps=120, train=TrainParams(epochs=8, batch_size=32))
+
+    def epochs(n_train: int, min_steps: int = 120) -> int:
+        return transfer.cell_recipe(dataclasses.replace(params, min_steps=min_steps), "scratch", 1, n_train).epochs
+
+    assert epochs(96) == 40  # 3 steps an epoch
+    assert epochs(100) == 30  # 4 steps an epoch
+    assert epochs(960) == 8  # 240 steps already
+    assert epochs(96, min_steps=0) == 8
+    recipe = transfer.cell_recipe(params, "models:/b@champion", 2, 96)
+    assert (recipe.init, recipe.seed, recipe.batch_size) == ("models:/b@champion", 2, 32)
 
 
 def test_nested_subsets_grow_by_adding_rows():

@@ -241,11 +241,13 @@ def nested_subsets(n: int, fractions: list[float], seed: int) -> dict[float, np.
     return {f: np.sort(order[: max(2, round(f * n))]) for f in fractions}
 
 
-def cell_epochs(n_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
-    """Epochs of one sweep cell: `epochs`, or more where that gives fewer than `min_steps` optimiser
-    steps, so the small fractions of a learning curve are not compared half-trained."""
-    steps_per_epoch = math.ceil(n_train / batch_size)
-    return max(epochs, math.ceil(min_steps / steps_per_epoch))
+def cell_recipe(params: TransferParams, init: str, seed: int, n_train: int) -> TrainParams:
+    """The training recipe of one sweep cell: `params.train` from `init` with `seed`, for `train.epochs`
+    or more where that gives fewer than `min_steps` optimiser steps, so the small fractions of a
+    learning curve are not compared half-trained."""
+    steps_per_epoch = math.ceil(n_train / params.train.batch_size)
+    epochs = max(params.train.epochs, math.ceil(params.min_steps / steps_per_epoch))
+    return dataclasses.replace(params.train, init=init, seed=seed, epochs=epochs)
 
 
 def run_cell(data: dict[str, Data], subset: np.ndarray, recipe: TrainParams,
@@ -306,9 +308,7 @@ def run_sweep(params: TransferParams) -> pd.DataFrame:
             subsets = nested_subsets(len(data["train"].images), params.fractions, seed)
             for fraction in params.fractions:
                 for init in inits:
-                    epochs = cell_epochs(len(subsets[fraction]), params.train.batch_size, params.train.epochs,
-                                         params.min_steps)
-                    recipe = dataclasses.replace(params.train, init=init, seed=seed, epochs=epochs)
+                    recipe = cell_recipe(params, init, seed, len(subsets[fraction]))
                     label = "scratch" if init == SCRATCH else init.removeprefix(f"models:/{params.base_prefix}").split("@")[0]
                     with mlflow.start_run(run_name=f"{label}-{fraction:g}-s{seed}", nested=True):
                         r, tags, state, _ = run_cell(data, subsets[fraction], recipe, attributes)
@@ -316,10 +316,10 @@ def run_sweep(params: TransferParams) -> pd.DataFrame:
                                          "freeze_blocks": str(recipe.freeze)})
                         metrics = {f"test_r_{a}": float(v) for a, v in zip(attributes, r, strict=True)}
                         metrics.update(test_mean_r=float(r.mean()), best_val_mean_r=state.best_r,
-                                       n_train=len(subsets[fraction]), epochs=epochs)
+                                       n_train=len(subsets[fraction]), epochs=recipe.epochs)
                         mlflow.log_metrics(metrics)
                     rows.append({"fraction": fraction, "init": label, "seed": seed, "n_train": len(subsets[fraction]),
-                                 "epochs": epochs,
+                                 "epochs": recipe.epochs,
                                  "base_version": tags.get("init.model_version", ""), "mean_r": float(r.mean()),
                                  **{f"r_{a}": float(v) for a, v in zip(attributes, r, strict=True)}})
         table = pd.DataFrame(rows)

@@ -32,6 +32,7 @@ from psyface.transfer import (
     SCRATCH,
     TransferParams,
     accuracy,
+    cell_recipe,
     downsampled,
     fit,
     nested_subsets,
@@ -100,8 +101,7 @@ def run_maps(params: TransferParams, max_images: int = 64) -> pd.DataFrame:
         models[f"base {base}"] = (net, spec.attributes)
     for init in [SCRATCH, *params.bases]:
         uri = SCRATCH if init == SCRATCH else f"models:/{params.base_prefix}{init}@{tracking.CHAMPION}"
-        recipe = dataclasses.replace(params.train, init=uri, seed=seed)
-        _, _, _, net = run_cell(data, subset, recipe, attributes)
+        _, _, _, net = run_cell(data, subset, cell_recipe(params, uri, seed, len(subset)), attributes)
         models[f"{init} -> attributes @{fraction:g}"] = (net, attributes)
     rows, tiles = [], {method: [] for method in MAP_METHODS}
     mean_face = faces.astype(np.float64).mean(0).astype(np.uint8)

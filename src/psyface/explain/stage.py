@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from psyface.config import load_section
@@ -122,13 +123,14 @@ def localisation(
     for name, mask in masks.items():
         column = attributes.index(name)
         truth = torch.from_numpy(mask[: len(rel)])
-        scores[name] = {
-            "relevance_mass_accuracy": defined_mean(relevance_mass_accuracy(rel[:, column], truth), undefined=None),
-            "pointing_game": defined_mean(pointing_game(rel[:, column], truth), undefined=None),
-            "chance": defined_mean(mask_share(truth), undefined=None),
-            **({"grid_reference": defined_mean(grid_reference(truth, grid), undefined=None)} if grid else {}),
-            "images": len(truth),
+        per_image = {
+            "relevance_mass_accuracy": relevance_mass_accuracy(rel[:, column], truth),
+            "pointing_game": pointing_game(rel[:, column], truth),
+            "chance": mask_share(truth),
+            **({"grid_reference": grid_reference(truth, grid)} if grid else {}),
         }
+        scores[name] = {key: defined_mean(values, undefined=None) for key, values in per_image.items()}
+        scores[name]["images"] = len(truth)
     return scores
 
 
@@ -140,9 +142,10 @@ def mean_maps(rel: torch.Tensor) -> np.ndarray:
 
 def quality(
     net: AttributeNet, inputs: torch.Tensor, maps: torch.Tensor, test: FacesToExplain, attributes: list[str],
-    params: ExplainParams, method: Method, random_curves: np.ndarray,
+    params: ExplainParams, method: Method, random_curves: np.ndarray, randomised: nn.Module,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Localisation (masks, human attention), deletion vs random order, randomisation sanity check.
+    """Localisation (masks, human attention), deletion vs random order, randomisation sanity check
+    against `randomised` (the network with re-initialised weights).
 
     Returns the scores and the method's mean deletion curve (for the figure).
     """
@@ -164,9 +167,9 @@ def quality(
     result["deletion"] = {"auc": auc, "auc_random": auc_random, "gain": auc - auc_random, "images": k}
 
     s = min(params.sanity_images, len(maps))
-    randomised = compute_maps(randomised_copy(net, params.seed), inputs[:s], method, params.options, params.batch_size)
-    correlation = float(randomisation_correlation(maps[:s], randomised).mean())
-    signed = float(randomisation_correlation(maps[:s], randomised, signed=True).mean())
+    random_maps = compute_maps(randomised, inputs[:s], method, params.options, params.batch_size)
+    correlation = float(randomisation_correlation(maps[:s], random_maps).mean())
+    signed = float(randomisation_correlation(maps[:s], random_maps, signed=True).mean())
     result["randomisation"] = {"rank_correlation": correlation, "passed": correlation < params.sanity_threshold,
                                "rank_correlation_signed": signed, "images": s}
     return result, curves.mean(axis=(0, 1))
@@ -193,6 +196,7 @@ def explain_test_set(
     n_deletion = min(params.deletion_images, len(test.ids))
     order = random_order(torch.Size((n_deletion, len(attributes), *inputs.shape[-2:])), params.seed)
     random_curves = deletion_curves(net, inputs[:n_deletion], order, params.deletion_steps)
+    randomised = randomised_copy(net, params.seed)
 
     metrics: dict[str, Any] = {"aligned": test.aligned, "test_images": len(test.ids)}
     raw: dict[str, np.ndarray] = {"ids": np.array(test.ids[: params.raw_maps_images]), "attributes": np.array(attributes)}
@@ -203,7 +207,8 @@ def explain_test_set(
         started = time.perf_counter()
         maps = compute_maps(net, inputs[:n_images], method, params.options, params.batch_size, progress)
         seconds = time.perf_counter() - started
-        scores, deletion_by_method[method] = quality(net, inputs, maps, test, attributes, params, method, random_curves)
+        scores, deletion_by_method[method] = quality(net, inputs, maps, test, attributes, params, method, random_curves,
+                                                         randomised)
         metrics[method] = {"images": n_images, "seconds_per_image": seconds / n_images, **scores}
         rel = relevance(maps)
         mean_by_method[method] = mean_maps(rel)
