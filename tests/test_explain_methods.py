@@ -5,8 +5,18 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 
 from psyface.errors import PsyfaceError
+from psyface.run_safety import training_bytes
 from psyface.explain.methods import METHODS, MethodOptions, attribute, gradcam_grid, vgg_conv_names
-from psyface.model import AttributeEnsemble, AttributeNet
+from psyface.model import (
+    NARROW_VGG16,
+    AttributeEnsemble,
+    AttributeNet,
+    ModelSpec,
+    build_model,
+    freeze_blocks,
+    load_trained,
+    save_trained,
+)
 
 from tests.explain_models import SIZE, images, tiny_vgg  # noqa: F401 (images: a fixture)
 
@@ -90,3 +100,31 @@ def test_a_per_attribute_ensemble_is_explained_by_the_member_that_predicts_each_
     for k, member in enumerate(members):
         torch.testing.assert_close(maps[:, k : k + 1], attribute(member, images, method, OPTIONS))
     assert gradcam_grid(AttributeEnsemble(members), images) == gradcam_grid(members[0], images)
+
+
+def test_a_smaller_last_conv_stride_gives_gradcam_a_finer_grid_with_the_same_layers_and_weights(tmp_path):
+    torch.manual_seed(0)
+    inputs = torch.randn(2, 3, 64, 64)
+    default, fine = build_model(NARROW_VGG16, "gap", 2).eval(), build_model(NARROW_VGG16, "gap", 2, last_conv_stride=4).eval()
+    assert gradcam_grid(default, inputs) == (4, 4) and gradcam_grid(fine, inputs) == (16, 16)
+    assert gradcam_grid(build_model(NARROW_VGG16, "gap", 2, last_conv_stride=8), inputs) == (8, 8)
+    assert vgg_conv_names(fine.features) == vgg_conv_names(default.features)  # conv5_3 is still conv5_3
+    assert fine.state_dict().keys() == default.state_dict().keys()  # weights move between the two
+    assert freeze_blocks(fine, 4) == freeze_blocks(build_model(NARROW_VGG16, "gap", 2), 4)
+    assert attribute(fine, inputs, "gradcam").shape == (2, 2, 64, 64)
+
+    spec = ModelSpec(arch=NARROW_VGG16, attributes=["a", "b"], image_size=64, target_mean=[0.0, 0.0],
+                     target_std=[1.0, 1.0], last_conv_stride=4)
+    paths = save_trained(fine, spec, tmp_path)
+    reloaded, _ = load_trained(paths["weights"], paths["spec"])
+    assert gradcam_grid(reloaded, inputs) == (16, 16)  # the spec rebuilds the same network, not a coarse one
+    torch.testing.assert_close(reloaded(inputs.contiguous(memory_format=torch.channels_last)), fine(inputs))
+
+
+def test_an_impossible_last_conv_stride_is_a_user_error():
+    with pytest.raises(PsyfaceError, match=r"last_conv_stride must be one of \[1, 2, 4, 8, 16\], not 3"):
+        build_model("vgg11", "gap", 2, last_conv_stride=3)
+    with pytest.raises(PsyfaceError, match="needs a VGG architecture"):
+        build_model("test_efficientnet", "gap", 2, last_conv_stride=8)
+    with pytest.raises(PsyfaceError, match="last_conv_stride"):  # the train stage's check, before any MLflow run
+        training_bytes("vgg16_bn", "gap", 7, last_conv_stride=5)

@@ -3,13 +3,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from captum.attr import LayerAttribution
 from tests.explain_models import SIZE, box, images, region_model, tiny_vgg  # noqa: F401 (images: a fixture)
 
 from psyface.explain.methods import MethodOptions, attribute
 from psyface.explain.scores import (
     area_under_curve,
     deletion_curves,
-    grid_reference,
+    grid_ceiling,
     mask_share,
     pointing_game,
     randomisation_correlation,
@@ -91,14 +92,22 @@ def test_a_method_that_ignores_the_weights_fails_the_randomisation_check(images)
     assert uses_weights.mean() < ignores_weights.mean() - 0.3
 
 
-def test_grid_reference_is_near_one_on_a_fine_grid_and_low_for_a_small_region_on_a_coarse_one():
+def test_grid_ceiling_is_chance_on_one_cell_one_on_pixels_and_bounds_every_map_on_the_grid():
     masks = torch.zeros(2, 32, 32, dtype=torch.bool)
-    masks[0, 8:24, 8:24] = True  # a quarter of the image, aligned with a 2x2 grid
+    masks[0, 8:24, 8:24] = True  # a quarter of the image
     masks[1, 14:18, 14:18] = True  # 16 pixels in the middle
-    np.testing.assert_allclose(grid_reference(masks, (32, 32)), [1.0, 1.0], atol=1e-6)
-    coarse = grid_reference(masks, (2, 2))  # every cell holds the same amount of either mask: chance
-    np.testing.assert_allclose(coarse, [0.25, 16 / 1024], rtol=1e-4)
-    assert 0.5 < grid_reference(masks[:1], (4, 4))[0] < 0.9  # the 4 central cells, blurred by upsampling
+    np.testing.assert_allclose(grid_ceiling(masks, (1, 1)), mask_share(masks), rtol=1e-5)  # one cell: uniform map
+    np.testing.assert_allclose(grid_ceiling(masks, (32, 32)), [1.0, 1.0], atol=1e-6)  # a pixel inside the mask
+
+    grid = (4, 4)
+    ceiling = grid_ceiling(masks, grid)
+    cells = torch.rand(200, 1, *grid, generator=torch.Generator().manual_seed(0)) ** 4  # peaked non-negative maps
+    cells[:16] = torch.eye(16).reshape(16, 1, *grid)  # every single cell on its own
+    upsampled = LayerAttribution.interpolate(cells, (32, 32), interpolate_mode="bilinear")[:, 0]
+    for row in range(2):
+        scores = relevance_mass_accuracy(upsampled, masks[row].expand(200, 32, 32))
+        assert scores.max() == pytest.approx(ceiling[row], rel=1e-5)  # reached by a single cell, never beaten
+    assert 0.7 < ceiling[0] < 1.0 and ceiling[1] < 0.1  # the quarter nearly holds a blurred cell; 16 pixels do not
 
 
 def test_randomisation_correlation_ranks_magnitudes_unless_asked_for_signs():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,7 @@ class ModelSpec:
     target_std: list[float] = field(default_factory=list)
     scales: dict[str, list[float]] = field(default_factory=dict)
     per_attribute: bool = False  # one single-output network per attribute (an AttributeEnsemble)
+    last_conv_stride: int = 16  # input pixels per step of the last convolution's grid (VGG's own: 16)
 
     def to_rating_scale(self, standardised: np.ndarray) -> np.ndarray:
         """Model outputs (standardised) -> ratings on each attribute's scale."""
@@ -74,13 +76,37 @@ class AttributeNet(nn.Module):
         return convs[-1]
 
 
-def build_model(arch: str, head: Head, n_outputs: int) -> AttributeNet:
+class SkippedPool(nn.Identity):
+    """A VGG max-pool taken out so later blocks keep their resolution; it still ends its block
+    (VGG layer names, `freeze`), and it has no weights, so state dicts stay interchangeable."""
+
+
+def is_block_end(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.MaxPool2d | SkippedPool)
+
+
+def keep_resolution(features: nn.Sequential, last_conv_stride: int) -> None:
+    """Replace the max-pools that would make the last convolution's grid coarser than one step per
+    `last_conv_stride` input pixels (VGG's own is 16; the final pool, after it, stays). At 64 px the
+    last convolution is then 16 / last_conv_stride times finer than 4x4: Grad-CAM's resolution."""
+    pools = [index for index, layer in enumerate(features) if isinstance(layer, nn.MaxPool2d)][:-1]
+    if last_conv_stride not in [2**k for k in range(len(pools) + 1)]:
+        raise PsyfaceError(f"train.last_conv_stride must be one of {[2**k for k in range(len(pools) + 1)]}, "
+                           f"not {last_conv_stride!r}")
+    for index in pools[int(math.log2(last_conv_stride)):]:
+        features[index] = SkippedPool()
+
+
+def build_model(arch: str, head: Head, n_outputs: int, last_conv_stride: int = 16) -> AttributeNet:
     """A randomly initialised network (weights are loaded by the caller when asked)."""
+    if last_conv_stride != 16 and arch not in (*TORCHVISION_VGGS, NARROW_VGG16):
+        raise PsyfaceError(f"train.last_conv_stride {last_conv_stride} needs a VGG architecture, not {arch!r}")
     if arch in TORCHVISION_VGGS:
         import torchvision
 
         vgg = getattr(torchvision.models, arch)(weights=None)
         features: nn.Module = vgg.features
+        keep_resolution(features, last_conv_stride)
         channels = 512
         if head == "paper":
             # The peer's network: original classifier, last Linear(4096, 1000) -> Linear(4096, n).
@@ -92,6 +118,7 @@ def build_model(arch: str, head: Head, n_outputs: int) -> AttributeNet:
         if head == "paper":
             raise PsyfaceError(f"head 'paper' needs a full-width VGG {TORCHVISION_VGGS}, not {arch!r}")
         features = make_layers([c if c == "M" else c // 8 for c in _VGG16_LAYOUT], batch_norm=True)
+        keep_resolution(features, last_conv_stride)
         channels = 512 // 8
     else:
         import timm
@@ -116,7 +143,7 @@ def freeze_blocks(net: AttributeNet, blocks: int) -> int:
         return 0
     if not isinstance(net.features, nn.Sequential):
         raise PsyfaceError("freeze needs a VGG architecture (its features split into pooled blocks)")
-    pools = [i for i, layer in enumerate(net.features) if isinstance(layer, nn.MaxPool2d)]
+    pools = [i for i, layer in enumerate(net.features) if is_block_end(layer)]
     if not 0 < blocks <= len(pools):
         raise PsyfaceError(f"freeze: {blocks} blocks asked, the network has {len(pools)}")
     block = net.features[: pools[blocks - 1] + 1]
@@ -147,8 +174,8 @@ class AttributeEnsemble(nn.Module):
 def build_for_spec(spec: ModelSpec) -> AttributeNet | AttributeEnsemble:
     """The (random) network a spec describes: multi-task, or one network per attribute."""
     if spec.per_attribute:
-        return AttributeEnsemble([build_model(spec.arch, spec.head, 1) for _ in spec.attributes])
-    return build_model(spec.arch, spec.head, len(spec.attributes))
+        return AttributeEnsemble([build_model(spec.arch, spec.head, 1, spec.last_conv_stride) for _ in spec.attributes])
+    return build_model(spec.arch, spec.head, len(spec.attributes), spec.last_conv_stride)
 
 
 def imagenet_weights_file(arch: str) -> Path:

@@ -110,13 +110,14 @@ def close_stale_runs(experiment_id: str, keep: str | None = None) -> list[str]:
     return closed
 
 
-def training_bytes(arch: str, head: str, n_outputs: int, networks: int = 1) -> int:
+def training_bytes(arch: str, head: str, n_outputs: int, networks: int = 1, last_conv_stride: int = 16) -> int:
     """Disk a training needs: per network a checkpoint (weights, best weights, two AdamW moments)
-    plus the logged model, all float32. Counted on the meta device, so nothing is allocated."""
+    plus the logged model, all float32. Counted on the meta device, so nothing is allocated (and a
+    network the params cannot build fails here, before any run starts)."""
     import torch
 
     from psyface.model import build_model
 
     with torch.device("meta"):
-        parameters = sum(p.numel() for p in build_model(arch, head, n_outputs).parameters())
+        parameters = sum(p.numel() for p in build_model(arch, head, n_outputs, last_conv_stride).parameters())
     return 5 * 4 * parameters * networks

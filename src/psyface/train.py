@@ -73,6 +73,7 @@ class Augmentation:
 class TrainParams:
     arch: str = "vgg16"
     head: Head = "gap"
+    last_conv_stride: int = 16  # VGG only: 8 or 4 keep the last blocks' resolution (a finer Grad-CAM grid)
     init: str = "scratch"  # scratch | imagenet | PATH.pth/.safetensors | models:/NAME@ALIAS
     freeze: int = 0  # VGG convolution blocks (counted from the input) kept as initialised; 0: none
     per_attribute: bool = False
@@ -377,10 +378,12 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
     data, mean, std = split_data(images, table, attributes)
     spec = ModelSpec(arch=params.arch, head=params.head, attributes=attributes, image_size=int(images.shape[1]),
                      target_mean=mean, target_std=std, per_attribute=params.per_attribute,
+                     last_conv_stride=params.last_conv_stride,
                      scales={a: list(dataset.attributes[a].scale) for a in attributes})
     outputs, networks = (1, len(attributes)) if params.per_attribute else (len(attributes), 1)
     run_safety.check_store(tracking.tracking_uri(), tracking.store_dir(),
-                           run_safety.training_bytes(params.arch, params.head, outputs, networks))
+                           run_safety.training_bytes(params.arch, params.head, outputs, networks,
+                                                    params.last_conv_stride))
     print_ = fingerprint(params)
     tasks = [(a, [i]) for i, a in enumerate(attributes)] if params.per_attribute else [("", list(range(len(attributes))))]
     checkpoints = {task: CHECKPOINT_DIR / (f"last-{task}.pt" if task else "last.pt") for task, _ in tasks}
@@ -410,7 +413,8 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
         networks = []
         for task, columns in tasks:
             torch.manual_seed(params.seed)
-            net = build_model(params.arch, params.head, len(columns)).to(device, memory_format=torch.channels_last)
+            net = build_model(params.arch, params.head, len(columns), params.last_conv_stride).to(
+                device, memory_format=torch.channels_last)
             state = states[task] or TrainState(run_id=run.info.run_id, fingerprint=print_)
             names = [attributes[c] for c in columns]
             train = Data(data["train"].images, data["train"].targets[:, columns])

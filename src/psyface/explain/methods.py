@@ -19,7 +19,7 @@ from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule
 from torch import nn
 
 from psyface.errors import PsyfaceError
-from psyface.model import IMAGENET_MEAN, IMAGENET_STD, AttributeEnsemble
+from psyface.model import IMAGENET_MEAN, IMAGENET_STD, AttributeEnsemble, is_block_end
 
 Method = Literal["gradcam", "integrated_gradients", "lrp", "occlusion"]
 METHODS: tuple[Method, ...] = ("gradcam", "integrated_gradients", "lrp", "occlusion")
@@ -74,7 +74,7 @@ def vgg_conv_names(features: nn.Sequential) -> dict[str, int]:
         if isinstance(module, nn.Conv2d):
             layer += 1
             names[f"conv{block}_{layer}"] = index
-        elif isinstance(module, nn.MaxPool2d):
+        elif is_block_end(module):
             block, layer = block + 1, 0
     return names
 

@@ -36,14 +36,19 @@ def relevance_mass_accuracy(relevance_maps: torch.Tensor, masks: torch.Tensor) -
     return share.numpy()
 
 
-def grid_reference(masks: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
-    """Relevance mass accuracy of the ground-truth mask itself seen through a coarse grid (area-pooled
-    to it, then upsampled bilinearly as Grad-CAM is): roughly the best a map computed on that grid can
-    score, so a low Grad-CAM score can be told apart from a coarse layer. (N, H, W) -> (N,)."""
-    pooled = torch.nn.functional.adaptive_avg_pool2d(masks.float()[:, None], grid)
-    upsampled = torch.nn.functional.interpolate(pooled, size=tuple(masks.shape[-2:]), mode="bilinear",
-                                                align_corners=False)[:, 0].clamp_min(0)
-    return relevance_mass_accuracy(upsampled, masks)
+def grid_ceiling(masks: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """The highest relevance mass accuracy any non-negative map on a coarse `grid` can score once
+    upsampled bilinearly to the masks' size (as Grad-CAM's maps are). Upsampling is linear with
+    non-negative weights, so a map's score is a weighted mean of its cells' own scores and the best
+    map is the single best cell: a Grad-CAM score below this is the network's doing, a target above
+    it cannot be met on that layer. (N, H, W) -> (N,); NaN for empty masks."""
+    cells = grid[0] * grid[1]
+    one_hot = torch.eye(cells).reshape(cells, 1, *grid)
+    basis = torch.nn.functional.interpolate(one_hot, size=tuple(masks.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    basis = basis / basis.flatten(1).sum(1)[:, None, None]
+    ceiling = torch.einsum("chw,nhw->nc", basis, masks.float()).amax(1)
+    ceiling[~masks.flatten(1).any(1)] = float("nan")
+    return ceiling.numpy()
 
 
 def pointing_game(relevance_maps: torch.Tensor, masks: torch.Tensor) -> np.ndarray:

@@ -32,7 +32,7 @@ from psyface.explain.scores import (
     area_under_curve,
     defined_mean,
     deletion_curves,
-    grid_reference,
+    grid_ceiling,
     mask_share,
     pointing_game,
     randomisation_correlation,
@@ -118,7 +118,7 @@ def localisation(
     rel: torch.Tensor, masks: dict[str, np.ndarray], attributes: list[str], grid: tuple[int, int] | None = None
 ) -> dict[str, Any]:
     """Relevance mass accuracy and pointing game per attribute, beside their chance level and, for
-    maps computed on a coarse `grid` (Grad-CAM), the mask's own score on that grid."""
+    maps computed on a coarse `grid` (Grad-CAM), the best score any map on that grid can reach."""
     scores = {}
     for name, mask in masks.items():
         column = attributes.index(name)
@@ -127,7 +127,7 @@ def localisation(
             "relevance_mass_accuracy": relevance_mass_accuracy(rel[:, column], truth),
             "pointing_game": pointing_game(rel[:, column], truth),
             "chance": mask_share(truth),
-            **({"grid_reference": grid_reference(truth, grid)} if grid else {}),
+            **({"grid_ceiling": grid_ceiling(truth, grid)} if grid else {}),
         }
         scores[name] = {key: defined_mean(values, undefined=None) for key, values in per_image.items()}
         scores[name]["images"] = len(truth)
