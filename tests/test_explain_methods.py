@@ -111,7 +111,9 @@ def test_a_smaller_last_conv_stride_gives_gradcam_a_finer_grid_with_the_same_lay
     assert vgg_conv_names(fine.features) == vgg_conv_names(default.features)  # conv5_3 is still conv5_3
     assert fine.state_dict().keys() == default.state_dict().keys()  # weights move between the two
     assert freeze_blocks(fine, 4) == freeze_blocks(build_model(NARROW_VGG16, "gap", 2), 4)
-    assert attribute(fine, inputs, "gradcam").shape == (2, 2, 64, 64)
+    for method in METHODS:
+        maps = attribute(fine, inputs, method, OPTIONS)
+        assert maps.shape == (2, 2, 64, 64) and torch.isfinite(maps).all(), method
 
     spec = ModelSpec(arch=NARROW_VGG16, attributes=["a", "b"], image_size=64, target_mean=[0.0, 0.0],
                      target_std=[1.0, 1.0], last_conv_stride=4)

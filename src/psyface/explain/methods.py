@@ -153,7 +153,8 @@ def lrp_ready(model: nn.Module) -> nn.Module:
 
     LRP-gamma on the lower third of the convolutions, LRP-epsilon (0.25) above them, LRP-0 on the
     dense layers. In-place ReLUs break Captum's backward hooks, so they become out-of-place;
-    `Flatten` only reshapes, so relevance passes it unchanged (epsilon rule on an identity).
+    `Flatten` only reshapes and an `Identity` (a skipped max-pool) does nothing, so relevance passes
+    them unchanged (epsilon rule on an identity).
     """
     ready = copy.deepcopy(model).eval()
     convs = [m for m in ready.modules() if isinstance(m, nn.Conv2d)]
@@ -165,7 +166,7 @@ def lrp_ready(model: nn.Module) -> nn.Module:
             module.rule = GammaRule(gamma=0.25) if id(module) in lower else EpsilonRule(epsilon=0.25)
         elif isinstance(module, nn.Linear):
             module.rule = EpsilonRule(epsilon=1e-9)
-        elif isinstance(module, nn.Flatten):
+        elif isinstance(module, nn.Flatten | nn.Identity):
             module.rule = EpsilonRule(epsilon=1e-9)
     return ready
 
