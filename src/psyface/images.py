@@ -92,7 +92,10 @@ def load_images(
     return array, loaded, problems
 
 
-def problems_message(problems: list[tuple[int, ImageProblem]], total: int) -> str:
-    """One paragraph naming every unusable file and the rule it broke (for a PsyfaceError)."""
-    listed = "; ".join(f"[{problem.reason}] {problem}" for _, problem in problems)
-    return f"{len(problems)} of {total} image file(s) could not be used: {listed}"
+def problems_message(problems: list[tuple[int, ImageProblem]], total: int, unit: str = "image file",
+                     numbered: bool = False) -> str:
+    """One paragraph naming every unusable image and the rule it broke. Files name themselves in the
+    problem; `numbered` prefixes each with its position (rows of a request, which have no name)."""
+    listed = "; ".join(f"{f'{unit} {position}: ' if numbered else ''}[{problem.reason}] {problem}"
+                       for position, problem in problems)
+    return f"{len(problems)} of {total} {unit}(s) could not be used: {listed}"

@@ -90,9 +90,9 @@ def keep_resolution(features: nn.Sequential, last_conv_stride: int) -> None:
     `last_conv_stride` input pixels (VGG's own is 16; the final pool, after it, stays). At 64 px the
     last convolution is then 16 / last_conv_stride times finer than 4x4: Grad-CAM's resolution."""
     pools = [index for index, layer in enumerate(features) if isinstance(layer, nn.MaxPool2d)][:-1]
-    if last_conv_stride not in [2**k for k in range(len(pools) + 1)]:
-        raise PsyfaceError(f"train.last_conv_stride must be one of {[2**k for k in range(len(pools) + 1)]}, "
-                           f"not {last_conv_stride!r}")
+    strides = [2**kept for kept in range(len(pools) + 1)]
+    if last_conv_stride not in strides:
+        raise PsyfaceError(f"train.last_conv_stride must be one of {strides}, not {last_conv_stride!r}")
     for index in pools[int(math.log2(last_conv_stride)):]:
         features[index] = SkippedPool()
 

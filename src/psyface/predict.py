@@ -52,8 +52,7 @@ def images_from_frame(frame: pd.DataFrame, size: int) -> np.ndarray:
         sources.append(Path(str(row.get(PATH_COLUMN))) if missing else bytes(source))
     images, _, problems = load_images(sources, size)
     if problems:
-        listed = "; ".join(f"row {row}: [{problem.reason}] {problem}" for row, problem in problems)
-        raise ValueError(f"{len(problems)} of {len(frame)} row(s) could not be used: {listed}")
+        raise ValueError(problems_message(problems, len(frame), unit="row", numbered=True))
     return images
 
 
