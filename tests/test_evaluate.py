@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from psyface.evaluate import Score, attribute_metrics, decide
+from psyface.evaluate import Score, attribute_metrics, decide, score_tag
 
 
 def test_promotion_rule():
@@ -19,6 +19,13 @@ def test_promotion_rule():
     assert not decide(Score(math.nan, "d1", "s1"), None)[0]
     assert not decide(None, Score(0.1, "d1", "s1"))[0]
     assert "not comparable" in decide(here, Score(0.1, "d2", "s1"))[1]
+
+
+def test_a_champion_read_back_from_its_tag_ties_with_the_same_score():
+    score = 0.82791528341  # a rerun of the same model scores exactly this again
+    champion = Score(float(score_tag(score)), "d1", "s1")
+    assert champion.mean_r == score
+    assert not decide(Score(score, "d1", "s1"), champion)[0]
 
 
 def test_attribute_metrics_against_known_values():

@@ -64,6 +64,12 @@ def split_metrics(predicted: np.ndarray, rated: np.ndarray, attributes: list[str
     return table
 
 
+def score_tag(score: float) -> str:
+    """A score as a version tag that reads back exactly (`repr` round-trips a float): the promotion
+    rule compares it with a fresh score, and a rounded tag made an identical model look better."""
+    return repr(float(score))
+
+
 def decide(candidate: Score | None, champion: Score | None) -> tuple[bool, str]:
     """The promotion rule: (promote?, reason). Strictly better on the same data and split only."""
     if candidate is None or not math.isfinite(candidate.mean_r):
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         mlflow.log_figure(scatter_figure(long, metrics), "plots/test_scatter.png")
         mlflow.log_artifact(str(METRICS_FILE), "evaluate")
     tracking.tag_version(run.model_name, run.model_version, {
-        MEAN_R_TAG: f"{here.mean_r:.6f}", "promotion.decision": "champion" if promote else "rejected",
+        MEAN_R_TAG: score_tag(here.mean_r), "promotion.decision": "champion" if promote else "rejected",
         "promotion.reason": reason})
     if promote:
         tracking.set_alias(run.model_name, tracking.CHAMPION, run.model_version)

@@ -175,7 +175,7 @@ def train_base(column: str, params: TransferParams) -> dict[str, object]:
     import mlflow
 
     from psyface import tracking
-    from psyface.evaluate import MEAN_R_TAG, Score, decide
+    from psyface.evaluate import MEAN_R_TAG, Score, decide, score_tag
 
     torch.use_deterministic_algorithms(not torch.cuda.is_available())
     prepared, dataset = load_prepared(PREPARED_DIR), load_dataset(DATA_DIR)
@@ -208,7 +208,7 @@ def train_base(column: str, params: TransferParams) -> dict[str, object]:
     if current is not None and MEAN_R_TAG in current.tags:
         champion = Score(float(current.tags[MEAN_R_TAG]), current.tags.get("data_hash", ""), current.tags.get("split_hash", ""))
     promote, reason = decide(here if math.isfinite(score) else None, champion)
-    tracking.tag_version(name, version.version, {**here_hashes, MEAN_R_TAG: f"{score:.6f}", "score_metric": score_name,
+    tracking.tag_version(name, version.version, {**here_hashes, MEAN_R_TAG: score_tag(score), "score_metric": score_name,
                                                  "base_task": column, "run_id": run.info.run_id,
                                                  "promotion.decision": "champion" if promote else "rejected",
                                                  "promotion.reason": reason.replace("mean r", score_name)})
