@@ -22,7 +22,7 @@ from psyface.train import (
     TrainState,
     augment,
     load_checkpoint,
-    lr_factor,
+    lr_scheduler,
     pearson_per_column,
     save_checkpoint,
     train_epochs,
@@ -59,11 +59,17 @@ def test_augment_keeps_shape_range_and_is_reproducible():
     assert torch.allclose(augment(batch.clone(), still, torch.Generator()), batch, atol=1e-5)
 
 
-def test_lr_schedule_spans_the_epoch_budget():
-    factors = [lr_factor(step, 100, 10) for step in range(100)]
-    assert factors[9] == 1.0 and factors[0] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
-    assert factors[-1] < 0.01
+def test_lr_schedule_warms_up_then_decays_to_zero_over_the_epoch_budget():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = lr_scheduler(optimizer, total=100, warmup=10)
+    factors = []
+    for _ in range(100):
+        factors.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert factors[:10] == pytest.approx([(step + 1) / 10 for step in range(10)])  # linear warm-up to the full rate
+    assert factors[10:] == pytest.approx([0.5 * (1 + np.cos(np.pi * k / 90)) for k in range(90)], abs=1e-6)
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)  # zero exactly at the budget's end
 
 
 def test_pearson_per_column():

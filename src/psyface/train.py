@@ -174,11 +174,13 @@ def pearson_per_column(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
 REGRESSION = Objective(loss=F.mse_loss, score=pearson_per_column)
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay to zero, exactly over the epoch budget."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def lr_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over `warmup` steps, then cosine decay to zero exactly at the last of `total`
+    steps (the epoch budget), from torch's own schedulers."""
+    schedulers = torch.optim.lr_scheduler
+    warm = schedulers.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
+    decay = schedulers.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    return schedulers.SequentialLR(optimizer, [warm, decay], milestones=[warmup])
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -211,7 +213,7 @@ def train_epochs(
     trainable = [parameter for parameter in net.parameters() if parameter.requires_grad]  # frozen ones stay put
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     total, warmup = params.epochs * steps, max(1, round(params.warmup_epochs * steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
+    scheduler = lr_scheduler(optimizer, total, warmup)
     generator = torch.Generator()
     if state.model:
         net.load_state_dict(state.model)
