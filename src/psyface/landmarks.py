@@ -9,6 +9,10 @@ expression classifiers' served model, so a served face is normalised exactly as 
 Rows that cannot be used (no landmarks, missing or non-numeric coordinates, a degenerate shape, a
 duplicate id, no split or label) are written to `reports/landmarks/problems.csv` and counted; the
 stage fails when they exceed `max_problem_fraction`.
+
+A dataset without landmarks (most real rated-face sets) skips the stage with one line: its
+declared outputs are still written (dvc requires them), saying "not available" and why, so
+`dvc repro` runs to the end and `expressions` skips in turn.
 """
 
 from __future__ import annotations
@@ -29,6 +33,26 @@ from psyface.split import SPLIT_FILE
 
 OUT_FILE = Path("artifacts/landmarks/normalised.npz")
 PROBLEMS_FILE = Path("reports/landmarks/problems.csv")
+NOT_AVAILABLE = "not available"
+
+
+def missing_landmarks(spec: DatasetSpec) -> str | None:
+    """Why the landmark stages cannot run on this dataset (None: they can)."""
+    if spec.landmarks is None:
+        return f"dataset {spec.name!r} declares no landmarks (dataset.yaml `landmarks:`)"
+    return None
+
+
+def write_placeholder_png(path: Path, message: str) -> None:
+    """A small PNG that says what is missing, standing in for a figure that cannot be drawn."""
+    from PIL import Image, ImageDraw
+
+    def draw(tmp: Path) -> None:
+        image = Image.new("RGB", (640, 60), "white")
+        ImageDraw.Draw(image).text((10, 20), f"{NOT_AVAILABLE}: {message}", fill="black")
+        image.save(tmp, "PNG")
+
+    write_atomic(path, draw)
 
 
 @dataclass(frozen=True)
@@ -277,14 +301,26 @@ def read_landmarks_table(spec: DatasetSpec) -> pd.DataFrame:
     return read_csv_checked(path, dtype={spec.id_column: str}, keep_default_na=True)
 
 
+def _placeholder_npz(reason: str) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, status=np.array(NOT_AVAILABLE), reason=np.array(reason))
+    return buffer.getvalue()
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="psyface landmarks", description=__doc__.splitlines()[0])
     parser.parse_args(argv)
     params = load_section("landmarks", LandmarksParams)
     spec = load_dataset(DATA_DIR)
-    if spec.landmarks is None:
-        raise PsyfaceError(f"dataset {spec.name!r} declares no landmarks (dataset.yaml `landmarks:`)")
+    reason = missing_landmarks(spec)
+    if reason:
+        write_csv_atomic(pd.DataFrame({"id": [""], "problem": [f"{NOT_AVAILABLE}: {reason}"]}), PROBLEMS_FILE)
+        write_atomic(OUT_FILE, lambda tmp: tmp.write_bytes(_placeholder_npz(reason)))
+        print(f"landmarks: skipped, {reason}; {OUT_FILE} and {PROBLEMS_FILE} say '{NOT_AVAILABLE}'")
+        return 0
     result, problems = build(spec, read_landmarks_table(spec), read_split(), params)
     total = len(result.ids) + problems["id"].nunique()
     write_csv_atomic(problems, PROBLEMS_FILE)

@@ -47,6 +47,8 @@ from psyface.prepare import PREPARED_DIR, Prepared, load_prepared
 
 FIGURES_DIR = Path("reports/explain/figures")
 METRICS_FILE = Path("reports/explain/metrics.json")
+NO_LOCALISATION = ("not available: no region masks for the explained attributes "
+                   "(dataset.yaml `masks:` and attributes.*.regions)")
 MAPS_FILE = Path("artifacts/explain/maps.npz")
 
 
@@ -199,6 +201,8 @@ def explain_test_set(
     randomised = randomised_copy(net, params.seed)
 
     metrics: dict[str, Any] = {"aligned": test.aligned, "test_images": len(test.ids)}
+    if not test.region_masks:
+        metrics["localisation"] = NO_LOCALISATION
     raw: dict[str, np.ndarray] = {"ids": np.array(test.ids[: params.raw_maps_images]), "attributes": np.array(attributes)}
     mean_by_method: dict[str, np.ndarray] = {}
     deletion_by_method: dict[str, np.ndarray] = {}
@@ -292,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(MAPS_FILE, lambda tmp: save_npz(tmp, raw))
     write_json_atomic({"explain": metrics}, METRICS_FILE)
     log_to_training_run(run.run_id, run.tracking_uri, metrics)
+    if "localisation" in metrics:
+        print(f"explain: localisation {metrics['localisation']}; faithfulness and sanity checks run")
     summary = ", ".join(f"{k}={v}" for k, v in metrics["targets"].items())
     print(f"explain: {len(test.ids)} test faces, methods {params.methods} -> {FIGURES_DIR}, {METRICS_FILE} ({summary})")
     return 0

@@ -38,7 +38,14 @@ from psyface.expressions.relevance import Baseline, baselines_for, landmark_rele
 from psyface.expressions.served import ExpressionClassifier, LandmarkExpressionModel, feature_columns
 from psyface.io import replace_dir_atomic, write_atomic, write_csv_atomic, write_json_atomic
 from psyface.landmarks import OUT_FILE as NORMALISED_FILE
-from psyface.landmarks import NormalisedLandmarks, coordinate_columns, flatten
+from psyface.landmarks import (
+    NOT_AVAILABLE,
+    NormalisedLandmarks,
+    coordinate_columns,
+    flatten,
+    missing_landmarks,
+    write_placeholder_png,
+)
 from psyface import tracking
 from psyface.split import SPLITS
 
@@ -312,6 +319,20 @@ def track(
     return {"run_id": parent.info.run_id, "registered_model": params.registered_model, "versions": versions}
 
 
+def write_not_available(reason: str) -> None:
+    """The outputs dvc.yaml declares, each saying the stage could not run and why."""
+    note = {"status": NOT_AVAILABLE, "reason": reason}
+    replace_dir_atomic(REPORT_DIR / "curves",
+                       lambda folder: pd.DataFrame(columns=["n_landmarks", "test_accuracy"]).to_csv(
+                           folder / "not_available.csv", index=False))
+    write_csv_atomic(pd.DataFrame([note]), REPORT_DIR / "ranking.csv")
+    write_json_atomic({"title": "Landmark-based expression classifiers (Di Luzio et al.)", **note},
+                      REPORT_DIR / "summary.json")
+    write_json_atomic({"expressions": note}, REPORT_DIR / "metrics.json")
+    for name in ("accuracy_vs_landmarks.png", "kept_landmarks.png"):
+        write_placeholder_png(REPORT_DIR / name, reason)
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="psyface expressions", description=__doc__.splitlines()[0])
@@ -319,8 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_section("expressions", ExpressionsParams)
     spec = load_dataset(DATA_DIR)
-    if spec.landmarks is None:
-        raise PsyfaceError(f"dataset {spec.name!r} declares no landmarks (dataset.yaml `landmarks:`)")
+    reason = missing_landmarks(spec)
+    if reason:
+        write_not_available(reason)
+        print(f"expressions: skipped, {reason}; {REPORT_DIR}/ says '{NOT_AVAILABLE}'")
+        return 0
+    assert spec.landmarks is not None
     landmark_regions = spec.landmarks.regions
     data = NormalisedLandmarks.load(NORMALISED_FILE)
     classes = data.label_names.tolist()
