@@ -155,3 +155,15 @@ def test_small_groups_are_reported_never_flagged() -> None:
     groups = result.groups.set_index("group")
     assert groups.loc["z", "count"] == 3 and groups.loc["z", "small_group"] and not groups.loc["w", "small_group"]
     assert fairness.flaggable(sensitive["race"], "w", 20) == 3  # Bonferroni counts b, a, h only
+
+
+def test_no_sensitive_feature_gives_an_empty_audit_the_report_can_show() -> None:
+    from psyface.report.stage import fairness_tables, report_metrics
+
+    ratings = pd.DataFrame({"trust": [1.0, 2.0, 3.0]})
+    data = fairness.AuditData(ratings, ratings, pd.DataFrame(index=ratings.index), {}, {"trust": 2.0})
+    result = fairness.audit(data, [], fairness.FlagRule(), n_boot=10, seed=0, progress=False)
+    assert result.groups.empty and result.gaps.empty and fairness.flagged_pairs(result) == []
+    [table] = fairness_tables(result)
+    assert table.frame["result"].tolist() == ["not available: dataset.yaml declares no sensitive features"]
+    assert report_metrics({}, result)["report"]["fairness"] == {"flags": 0}

@@ -104,6 +104,11 @@ def is_plain_file_name(image_id: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ images
+def image_file(spec: DatasetSpec, image_id: str) -> Path:
+    """A row's image as the user names it (under the dataset folder as given, not resolved)."""
+    return spec.root / spec.image_path(image_id).relative_to(spec.root.resolve())
+
+
 def check_image(spec: DatasetSpec, image_id: str | None, min_side: int) -> tuple[str, str]:
     """(status, message) for one row's image; status is "ok" or one of IMAGE_REASONS."""
     if image_id is None:
@@ -114,7 +119,7 @@ def check_image(spec: DatasetSpec, image_id: str | None, min_side: int) -> tuple
             f"its image could lie outside {spec.root}"
         )
     try:
-        path = spec.image_path(image_id)
+        path = image_file(spec, image_id)
     except PsyfaceError as error:
         return "unsafe_id", str(error)
     try:
@@ -268,7 +273,7 @@ def findings_for(
         value = table.at[row, column] if column in table.columns else None
         if kind == "image":
             status, message = images[row]
-            file = str(spec.image_path(image_id)) if image_id is not None and is_plain_file_name(image_id) else ""
+            file = str(image_file(spec, image_id)) if image_id is not None and is_plain_file_name(image_id) else ""
             out.append(Finding(image_id or "", file, f"image:{status}", f"{where}: {message}"))
             continue
         if kind == "id_not_null":
