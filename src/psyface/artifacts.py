@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from psyface.dataset.layout import DatasetSpec
 from psyface.errors import PsyfaceError
 from psyface.io import read_csv_checked, replace_dir_atomic, write_atomic
 
 SPLITS = ("train", "val", "test")
+NOT_AVAILABLE = "not available"  # what a skipped stage's outputs say (dvc needs every declared output)
 SPLIT_FILE = Path("artifacts/split.csv")
 VALIDATION_SUMMARY_FILE = Path("reports/validation/summary.json")
 PREPARED_DIR = Path("artifacts/prepared")
@@ -114,3 +116,31 @@ class NormalisedLandmarks:
             raise PsyfaceError(f"{path} not found: run the landmarks stage first (`dvc repro landmarks`)")
         with np.load(path, allow_pickle=False) as data:
             return cls(**{name: data[name] for name in data.files})
+
+
+def missing_landmarks(spec: DatasetSpec) -> str | None:
+    """Why the landmark stages cannot run on this dataset (None: they can)."""
+    if spec.landmarks is None:
+        return f"dataset {spec.name!r} declares no landmarks (dataset.yaml `landmarks:`)"
+    return None
+
+
+def write_placeholder_png(path: Path, message: str) -> None:
+    """A small PNG that says what is missing, standing in for a figure that cannot be drawn."""
+    from PIL import Image, ImageDraw
+
+    def draw(tmp: Path) -> None:
+        image = Image.new("RGB", (640, 60), "white")
+        ImageDraw.Draw(image).text((10, 20), f"{NOT_AVAILABLE}: {message}", fill="black")
+        image.save(tmp, "PNG")
+
+    write_atomic(path, draw)
+
+
+def placeholder_npz(reason: str) -> bytes:
+    """The normalised-landmarks file of a dataset without landmarks: a status and the reason."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, status=np.array(NOT_AVAILABLE), reason=np.array(reason))
+    return buffer.getvalue()

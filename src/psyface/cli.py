@@ -11,6 +11,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("psyface.dataset.synth", "generate the deterministic synthetic face dataset"),
+    "synth-real": ("psyface.dataset.real_layout", "the synthetic faces as a lab hands them over (JPEG, long ratings)"),
     "split": ("psyface.split", "stage: assign ids to train/val/test"),
     "prepare": ("psyface.prepare", "stage: decode and resize every image once into an array"),
     "validate": ("psyface.validate", "stage: check data/ against dataset.yaml (reports, quarantine)"),

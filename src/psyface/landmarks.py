@@ -9,6 +9,10 @@ expression classifiers' served model, so a served face is normalised exactly as 
 Rows that cannot be used (no landmarks, missing or non-numeric coordinates, a degenerate shape, a
 duplicate id, no split or label) are written to `reports/landmarks/problems.csv` and counted; the
 stage fails when they exceed `max_problem_fraction`.
+
+A dataset without landmarks (most real rated-face sets) skips the stage with one line: its
+declared outputs are still written (dvc requires them), saying "not available" and why, so
+`dvc repro` runs to the end and `expressions` skips in turn.
 """
 
 from __future__ import annotations
@@ -21,11 +25,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from psyface.artifacts import NORMALISED_LANDMARKS_FILE, NormalisedLandmarks, read_split
+from psyface.artifacts import (
+    NORMALISED_LANDMARKS_FILE,
+    NOT_AVAILABLE,
+    NormalisedLandmarks,
+    missing_landmarks,
+    placeholder_npz,
+    read_split,
+)
 from psyface.config import PositiveInt, UnitFloat, load_section
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
-from psyface.io import read_csv_checked, write_csv_atomic
+from psyface.io import read_csv_checked, write_atomic, write_csv_atomic
 from psyface.shapes import (
     coordinate_columns,
     degenerate,
@@ -34,8 +45,6 @@ from psyface.shapes import (
 )
 
 PROBLEMS_FILE = Path("reports/landmarks/problems.csv")
-
-
 @dataclass(frozen=True)
 class LandmarksParams:
     """params.yaml `landmarks:`; `label` names the dataset.yaml `labels` entry to carry along."""
@@ -184,8 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     params = load_section("landmarks", LandmarksParams)
     spec = load_dataset(DATA_DIR)
-    if spec.landmarks is None:
-        raise PsyfaceError(f"dataset {spec.name!r} declares no landmarks (dataset.yaml `landmarks:`)")
+    reason = missing_landmarks(spec)
+    if reason:
+        write_csv_atomic(pd.DataFrame({"id": [""], "problem": [f"{NOT_AVAILABLE}: {reason}"]}), PROBLEMS_FILE)
+        write_atomic(NORMALISED_LANDMARKS_FILE, lambda tmp: tmp.write_bytes(placeholder_npz(reason)))
+        print(f"landmarks: skipped, {reason}; {NORMALISED_LANDMARKS_FILE} and {PROBLEMS_FILE} say '{NOT_AVAILABLE}'")
+        return 0
     result, problems = build(spec, read_landmarks_table(spec), read_split(), params)
     total = len(result.ids) + problems["id"].nunique()
     write_csv_atomic(problems, PROBLEMS_FILE)

@@ -449,9 +449,10 @@ def generate(out: Path, config: SynthConfig, progress: bool = True) -> DatasetSp
     return spec
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SynthConfig]:
+def parse_args(argv: list[str] | None, prog: str = "psyface synth", description: str = __doc__.split("\n\n")[0]
+               ) -> tuple[argparse.Namespace, SynthConfig]:
     defaults = SynthConfig()
-    parser = argparse.ArgumentParser(prog="psyface synth", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--out", type=Path, default=Path("data"), help="output folder (default: data)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     for name, value in vars(defaults).items():

@@ -57,6 +57,9 @@ from psyface.explain.scores import (
 from psyface.io import replace_dir_atomic, write_atomic, write_json_atomic
 from psyface.model import AttributeNet, ModelSpec, to_input
 
+NO_LOCALISATION = ("not available: no region masks for the explained attributes "
+                   "(dataset.yaml `masks:` and attributes.*.regions)")
+
 
 @dataclass(frozen=True)
 class ExplainParams:
@@ -207,6 +210,8 @@ def explain_test_set(
     randomised = randomised_copy(net, params.seed)
 
     metrics: dict[str, Any] = {"aligned": test.aligned, "test_images": len(test.ids)}
+    if not test.region_masks:
+        metrics["localisation"] = NO_LOCALISATION
     raw: dict[str, np.ndarray] = {"ids": np.array(test.ids[: params.raw_maps_images]), "attributes": np.array(attributes)}
     mean_by_method: dict[str, np.ndarray] = {}
     deletion_by_method: dict[str, np.ndarray] = {}
@@ -300,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(EXPLAIN_MAPS_FILE, lambda tmp: save_npz(tmp, raw))
     write_json_atomic({"explain": metrics}, EXPLAIN_METRICS_FILE)
     log_to_training_run(run.run_id, run.tracking_uri, metrics)
+    if "localisation" in metrics:
+        print(f"explain: localisation {metrics['localisation']}; faithfulness and sanity checks run")
     summary = ", ".join(f"{k}={v}" for k, v in metrics["targets"].items())
     print(f"explain: {len(test.ids)} test faces, methods {params.methods} -> {EXPLAIN_FIGURES_DIR}, {EXPLAIN_METRICS_FILE} ({summary})")
     return 0

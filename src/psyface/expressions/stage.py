@@ -23,7 +23,14 @@ from tqdm import tqdm
 
 import psyface
 from psyface import tracking
-from psyface.artifacts import NORMALISED_LANDMARKS_FILE, SPLITS, NormalisedLandmarks
+from psyface.artifacts import (
+    NORMALISED_LANDMARKS_FILE,
+    NOT_AVAILABLE,
+    SPLITS,
+    NormalisedLandmarks,
+    missing_landmarks,
+    write_placeholder_png,
+)
 from psyface.config import NonNegativeFloat, NonNegativeInt, PositiveInt, load_section
 from psyface.dataset.layout import DATA_DIR, load_dataset
 from psyface.errors import PsyfaceError, entry_point
@@ -313,6 +320,20 @@ def track(
     return {"run_id": parent.info.run_id, "registered_model": params.registered_model, "versions": versions}
 
 
+def write_not_available(reason: str) -> None:
+    """The outputs dvc.yaml declares, each saying the stage could not run and why."""
+    note = {"status": NOT_AVAILABLE, "reason": reason}
+    replace_dir_atomic(REPORT_DIR / "curves",
+                       lambda folder: pd.DataFrame(columns=["n_landmarks", "test_accuracy"]).to_csv(
+                           folder / "not_available.csv", index=False))
+    write_csv_atomic(pd.DataFrame([note]), REPORT_DIR / "ranking.csv")
+    write_json_atomic({"title": "Landmark-based expression classifiers (Di Luzio et al.)", **note},
+                      REPORT_DIR / "summary.json")
+    write_json_atomic({"expressions": note}, REPORT_DIR / "metrics.json")
+    for name in ("accuracy_vs_landmarks.png", "kept_landmarks.png"):
+        write_placeholder_png(REPORT_DIR / name, reason)
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="psyface expressions", description=__doc__.splitlines()[0])
@@ -320,8 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_section("expressions", ExpressionsParams)
     spec = load_dataset(DATA_DIR)
-    if spec.landmarks is None:
-        raise PsyfaceError(f"dataset {spec.name!r} declares no landmarks (dataset.yaml `landmarks:`)")
+    reason = missing_landmarks(spec)
+    if reason:
+        write_not_available(reason)
+        print(f"expressions: skipped, {reason}; {REPORT_DIR}/ says '{NOT_AVAILABLE}'")
+        return 0
+    assert spec.landmarks is not None
     landmark_regions = spec.landmarks.regions
     data = NormalisedLandmarks.load(NORMALISED_LANDMARKS_FILE)
     classes = data.label_names.tolist()

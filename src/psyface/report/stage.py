@@ -79,6 +79,8 @@ class FairnessParams:
     ci: OpenUnitFloat = 0.95
     min_abs_gap_sd: NonNegativeFloat = 0.2
     familywise: bool = True
+    min_group_size: PositiveInt = 20  # smaller groups (val+test faces) are reported with their numbers, never flagged
+    reference: dict[str, str] = field(default_factory=dict)  # feature set -> reference group; absent: the largest
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,7 @@ def report_metrics(numbers: dict[str, dict], audit: fairness.AuditResult) -> dic
     gaps = audit.gaps
     per_attribute = {}
     for attribute, rows in gaps.groupby("attribute", sort=False):
+        rows = rows[~rows["small_group"].astype(bool)]
         per_attribute[attribute] = {
             **{f"{kind}_flags": int(rows[f"{kind}_flag"].sum()) for kind in fairness.GAP_KINDS},
             "max_abs_rating_gap_sd": float(rows["rating_gap_sd"].abs().max()),
@@ -231,6 +234,28 @@ def report_metrics(numbers: dict[str, dict], audit: fairness.AuditResult) -> dic
 # ---------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------
+
+NOT_AVAILABLE = "not available"
+NO_SENSITIVE = "dataset.yaml declares no sensitive features"
+
+
+def not_computed(spec: DatasetSpec, attributes: list[str], explain_metrics: dict) -> list[str]:
+    """What this dataset did not allow, said once at the top of the report."""
+    items = []
+    unknown = [name for name in attributes if name not in spec.reliability]
+    if unknown:
+        items.append(f"reliability ceiling and r / ceiling for {', '.join(unknown)} (no reliability in dataset.yaml: "
+                     "import with --ratings-long or --reliability)")
+    localisation = explain_metrics.get("explain", {}).get("localisation")
+    if isinstance(localisation, str):
+        items.append(f"explanation localisation, {localisation} (faithfulness and sanity checks ran)")
+    if not spec.has_landmarks:
+        items.append("the landmark expression branch (dataset.yaml declares no landmarks; reports/landmarks/ says "
+                     f"'{NOT_AVAILABLE}')")
+    if not spec.sensitive_features:
+        items.append(f"the bias audit ({NO_SENSITIVE})")
+    return items
+
 
 def data_summary(table: pd.DataFrame, spec: DatasetSpec, attributes: list[str]) -> list[html.Table]:
     counts = table["split"].value_counts().rename_axis("split").reset_index(name="images")
@@ -254,8 +279,10 @@ def explanation_figures(folder: Path) -> list[html.Figure]:
 
 
 def fairness_tables(audit: fairness.AuditResult) -> list[html.Table]:
+    if audit.groups.empty:
+        return [html.Table("Bias audit", pd.DataFrame({"result": [f"{NOT_AVAILABLE}: {NO_SENSITIVE}"]}))]
     flags = pd.DataFrame(fairness.flagged_pairs(audit))
-    gap_columns = ["attribute", "feature", "group", "reference", "n_group", "n_reference", "ci_level"] + [
+    gap_columns = ["attribute", "feature", "group", "reference", "n_group", "n_reference", "small_group", "ci_level"] + [
         column for kind in fairness.GAP_KINDS for column in (f"{kind}_sd", f"{kind}_sd_lo", f"{kind}_sd_hi", f"{kind}_flag")
     ]
     gaps = audit.gaps[gap_columns].assign(flagged=audit.gaps[[f"{k}_flag" for k in fairness.GAP_KINDS]].any(axis=1))
@@ -275,12 +302,15 @@ def build_page(
     audit: fairness.AuditResult, params: ReportParams, lineage: dict[str, str],
 ) -> html.ReportContent:
     rule = params.fairness
+    references = {row["feature"]: row["reference"] for row in audit.summary.to_dict("records")}
+    small = {row["feature"]: row["small_groups"] for row in audit.summary.to_dict("records") if row["small_groups"]}
     content = html.ReportContent(
         title=f"psyface report — {spec.name}",
         generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
     content.summaries["data"] = [f"{len(table)} rated faces, {len(attributes)} attributes; "
-                                 f"sensitive features: {', '.join(spec.sensitive_features) or 'none'}."]
+                                 f"sensitive features: {', '.join(spec.sensitive_features) or 'none'}.",
+                                 *(f"Not computed: {item}." for item in not_computed(spec, attributes, explain_metrics))]
     content.tables["data"] = [*data_summary(table, spec, attributes), html.key_value_table("Validation outcome", validation)]
     content.figures["training"] = [html.Figure("Learning curves", plots.learning_curves(curves),
                                                f"{len(curves)} epochs; validation r per attribute")]
@@ -305,7 +335,11 @@ def build_page(
         "model's, amplification = prediction gap − rating gap (does the model widen the raters' bias?). "
         "Binarised view: rating above the training median. A rating gap is rater bias or a real "
         "difference between the groups' faces (as for age across age bands); the audit shows where, "
-        "knowledge of the data says which."
+        "knowledge of the data says which.",
+        f"Reference group: the largest group of each feature set unless report.fairness.reference names one "
+        f"(used: {references or 'none'}). Groups with fewer than {rule.min_group_size} audited faces are listed with "
+        f"their numbers (small_group) but never flagged, nor counted in the Bonferroni correction: "
+        f"{small or 'none here'}.",
     ]
     content.tables["fairness"] = fairness_tables(audit)
     content.tables["lineage"] = [html.key_value_table("Lineage", lineage)]
@@ -357,10 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     predictions = pd.DataFrame(predicted, columns=attributes)
     result = manifold_view({"penultimate": features, "predictions": predicted}, table, spec, attributes,
                            params.manifold, params.seed)
-    rule = fairness.FlagRule(params.fairness.ci, params.fairness.min_abs_gap_sd, params.fairness.familywise)
+    rule = fairness.FlagRule(params.fairness.ci, params.fairness.min_abs_gap_sd, params.fairness.familywise,
+                             params.fairness.min_group_size)
     audit = fairness.audit(
         audit_data(table, predictions, spec, attributes, params.fairness.splits),
         fairness.feature_sets(spec.sensitive_features, spec.intersections), rule, params.fairness.n_boot, params.seed,
+        references=params.fairness.reference,
     )
     curves = read_csv_checked(HISTORY_FILE)
     accuracy = accuracy_table(read_json(EVALUATE_METRICS_FILE), attributes)
