@@ -5,6 +5,8 @@ Metrics go to `reports/metrics.json` (`evaluate.test.<attribute>.<metric>`, stab
 The newly registered version becomes `champion` only if its test mean Pearson r beats the current
 champion's on the same data and split (the champion is re-scored here when it was scored elsewhere);
 the decision and its reason are tags on the version, and a failed or worse candidate never moves it.
+The read-compare-write runs under `tracking.registry_lock`, so two evaluates at once (on one machine
+or against a shared server) cannot both promote against the same old champion.
 """
 
 from __future__ import annotations
@@ -159,21 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     tags = MlflowClient().get_run(run.run_id).data.tags
     here = Score(metrics["mean"]["pearson_r"], tags.get("data_hash", "untracked"), tags.get("split_hash", ""))
     trained = MlflowClient().get_run(run.run_id).info.status == "FINISHED"
-    current = tracking.alias_version(run.model_name, tracking.CHAMPION)
-    if current is not None and str(current.version) == run.model_version:
-        promote, reason = True, "already the champion (re-evaluated)"
-    else:
-        promote, reason = decide(here if trained else None, champion_score(run.model_name, prepared, dataset, here))
     with tracking.open_run(run.run_id, run.tracking_uri):
         mlflow.log_metrics({f"test_{a}_{m}": v for a, values in metrics.items() for m, v in values.items()
                             if math.isfinite(v)})
         mlflow.log_figure(scatter_figure(long, metrics), "plots/test_scatter.png")
         mlflow.log_artifact(str(METRICS_FILE), "evaluate")
-    tracking.tag_version(run.model_name, run.model_version, {
-        MEAN_R_TAG: score_tag(here.mean_r), "promotion.decision": "champion" if promote else "rejected",
-        "promotion.reason": reason})
-    if promote:
-        tracking.set_alias(run.model_name, tracking.CHAMPION, run.model_version)
+    with tracking.registry_lock(run.model_name):  # read-compare-write of `champion`, one evaluate at a time
+        current = tracking.alias_version(run.model_name, tracking.CHAMPION)
+        if current is not None and str(current.version) == run.model_version:
+            promote, reason = True, "already the champion (re-evaluated)"
+        else:
+            promote, reason = decide(here if trained else None, champion_score(run.model_name, prepared, dataset, here))
+        tracking.tag_version(run.model_name, run.model_version, {
+            MEAN_R_TAG: score_tag(here.mean_r), "promotion.decision": "champion" if promote else "rejected",
+            "promotion.reason": reason})
+        if promote:
+            tracking.set_alias(run.model_name, tracking.CHAMPION, run.model_version)
     print(f"evaluate: test mean r {here.mean_r:.3f} | " + ", ".join(f"{a} {metrics[a]['pearson_r']:.2f}" for a in spec.attributes))
     print(f"evaluate: v{run.model_version} {'-> champion' if promote else 'not promoted'}: {reason}")
     return 0
