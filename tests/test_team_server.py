@@ -94,14 +94,13 @@ def free_port() -> int:
 def spawn(command: str, root: Path, env: dict[str, str]) -> subprocess.Popen:
     """`psyface COMMAND` in the background, output to files (a full pipe would stall it)."""
     environment = {**without_credentials(), "PYTHONPATH": str(SRC), **env}
-    return subprocess.Popen([sys.executable, "-m", "psyface.cli", command], cwd=root, env=environment,
-                            stdout=open(root / f"{command}.out", "w"), stderr=open(root / f"{command}.err", "w"), text=True)
+    with open(root / f"{command}.out", "w") as out, open(root / f"{command}.err", "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "psyface.cli", command], cwd=root, env=environment,
+                                stdout=out, stderr=err)
 
 
 def finished(process: subprocess.Popen, root: Path, command: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     process.wait(timeout)
-    process.stdout.close()
-    process.stderr.close()
     return subprocess.CompletedProcess(process.args, process.returncode, (root / f"{command}.out").read_text(),
                                        (root / f"{command}.err").read_text())
 
@@ -303,8 +302,8 @@ def test_server_killed_mid_training(team, tmp_path, synthetic_data, monkeypatch)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"].update(epochs=1, patience=5)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    finished = ok(cli("train", cwd=root, env=team.env(EDITOR)))
-    assert f"marked run {orphan} KILLED" in finished.stdout
+    after = ok(cli("train", cwd=root, env=team.env(EDITOR)))
+    assert f"marked run {orphan} KILLED" in after.stdout
     old = client.get_run(orphan)
     assert old.info.status == "KILLED" and STALE_TAG in old.data.tags
     kept = [(m.step, m.value) for m in client.get_metric_history(orphan, "val_mean_r")]

@@ -25,6 +25,7 @@ from psyface.errors import PsyfaceError
 
 IMPORTED_TAG = "psyface.imported_from"
 PARENT_TAG = "mlflow.parentRunId"
+VERSIONS_TAG = "mlflow.modelVersions"  # the source's registrations; the server records its own
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 PARAMS_PER_BATCH = 100
 
@@ -106,7 +107,8 @@ def copy_store(source_uri: str, target_uri: str) -> dict[str, int]:
                 continue
             copy = target.create_logged_model(
                 experiment_id, name=model.name, source_run_id=run_ids.get(model.source_run_id or ""),
-                tags={**model.tags, IMPORTED_TAG: model.model_id}, params=model.params, model_type=model.model_type)
+                tags={**{k: v for k, v in model.tags.items() if k != VERSIONS_TAG}, IMPORTED_TAG: model.model_id},
+                params=model.params, model_type=model.model_type)
             with tempfile.TemporaryDirectory() as folder:
                 local = mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, dst_path=folder)
                 target.log_model_artifacts(copy.model_id, local)
@@ -127,7 +129,8 @@ def copy_store(source_uri: str, target_uri: str) -> dict[str, int]:
             if key in versions:
                 numbers[str(version.version)] = str(versions[key])
                 continue
-            model_id = model_ids.get(version.model_id or "")
+            # MLflow 3 names the logged model in the source (`models:/m-...`) and may leave model_id empty
+            model_id = model_ids.get(version.model_id or version.source.removeprefix("models:/"))
             copy = target.create_model_version(
                 name, source=f"models:/{model_id}" if model_id else version.source,
                 run_id=run_ids.get(version.run_id or ""), tags={**version.tags, IMPORTED_TAG: key},
