@@ -223,8 +223,9 @@ class ServerDir:
         return ServerState(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
 
     def database_uri(self, port: int, database: str) -> str:
-        """SQLAlchemy URI with the driver named: 2.1 maps a bare `postgresql://` to psycopg 3."""
-        return f"postgresql+psycopg2://{DB_USER}:{self.secrets()['db_password']}@{LOOPBACK}:{port}/{database}"
+        """SQLAlchemy URI with the driver named (2.1 maps a bare `postgresql://` to psycopg 3) and no
+        password: libpq reads it from PGPASSWORD, so it never shows in `ps` or in a config file."""
+        return f"postgresql+psycopg2://{DB_USER}@{LOOPBACK}:{port}/{database}"
 
     def postgres_port(self) -> int | None:
         """The port of this folder's running PostgreSQL, or None when it is not running."""
@@ -323,7 +324,7 @@ def start_postgres(folder: ServerDir, timeout: float) -> int:
 
 
 def auth_ini(folder: ServerDir, config: ServerConfig, pg_port: int) -> Path:
-    """MLflow's basic-auth config: its own database (in the same cluster), no password in it."""
+    """MLflow's basic-auth config: its own database (in the same cluster); no password in it."""
     path = folder.root / AUTH_INI
     write_private(path, "\n".join([
         "[mlflow]",
@@ -360,12 +361,13 @@ def start(root: Path, host: str, port: int, workers: int, admin_password: str | 
         raise PsyfaceError(f"port {port} on {host} is in use; pass another --port")
     pg_port = start_postgres(folder, timeout)
     tracking = folder.database_uri(pg_port, TRACKING_DB)
-    run([*mlflow_command(), "db", "upgrade", tracking], "mlflow db upgrade", timeout=timeout)
-    environment = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini(folder, config, pg_port)),
+    environment = {**os.environ, "PGPASSWORD": folder.secrets()["db_password"],
+                   "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini(folder, config, pg_port)),
                    "MLFLOW_FLASK_SERVER_SECRET_KEY": folder.secrets()["flask_secret_key"],
                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job workers: tracking only
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", ADMIN_ENV):
         environment.pop(name, None)
+    run([*mlflow_command(), "db", "upgrade", tracking], "mlflow db upgrade", env=environment, timeout=timeout)
     if admin_password is not None:
         environment["MLFLOW_AUTH_ADMIN_PASSWORD"] = admin_password  # read once, to create the admin
     command = [*mlflow_command(), "server", "--backend-store-uri", tracking, "--serve-artifacts",

@@ -4,6 +4,9 @@ Later stages (evaluate, explain, report) find the training run through `artifact
 (`read_run_file`), log into it with `open_run(run_id)` and load the network with `load_model(uri)`,
 which reads safetensors weights + a JSON spec and never unpickles anything. Serving the registered
 pyfunc (`mlflow models serve`) does unpickle: load registered models only from stores you trust.
+
+With `MLFLOW_TRACKING_URI` set to a server nothing local is written (no `mlruns/`): experiments take
+the server's proxied artifact root. `registry_lock` makes promotion atomic on any store.
 """
 
 from __future__ import annotations
