@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# Debian packages the tests start for real, installed as root where missing (CI runs as root):
+# Chromium (browser tests) and PostgreSQL (the team server: `psyface server`, tests/test_team_server.py).
 system:
 	@missing=$$(for package in $(APT_PACKAGES); do dpkg -s $$package >/dev/null 2>&1 || echo $$package; done); \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:" $$missing; \
@@ -42,7 +45,7 @@ test: install system
 test-fast: install
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow" --durations=10
 
-bench: install
+bench: install system
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("psyface.explain.cli", "attribution maps (overlays + raw .npy) of a registered model for any images"),
     "report": ("psyface.report.stage", "stage: manifold view, bias audit and the self-contained HTML report"),
     "transfer": ("psyface.transfer.stage", "base models from dataset columns; the transfer learning-curve sweep"),
+    "server": ("psyface.server", "the team's MLflow server on PostgreSQL with users: init/start/stop/status/user/import"),
 }
 
 

@@ -7,6 +7,8 @@ errors still do, so they stay visible.
 from __future__ import annotations
 
 import functools
+import os
+import re
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -18,6 +20,30 @@ F = TypeVar("F", bound=Callable[..., int | None])
 
 class PsyfaceError(Exception):
     """A problem the user can fix: the message says what is wrong and where."""
+
+
+def server_refusal(error: BaseException) -> str | None:
+    """One line for a tracking server's refusal or absence (401, 403, unreachable), else None.
+
+    These reach the user from anywhere MLflow talks to the server, so they are translated here, at the
+    one edge every command passes; MLflow is looked up only if something already imported it."""
+    exceptions = sys.modules.get("mlflow.exceptions")
+    if exceptions is None or not isinstance(error, exceptions.MlflowException):
+        return None
+    server = os.environ.get("MLFLOW_TRACKING_URI", "the tracking server")
+    text = str(error)
+    endpoint = re.search(r"endpoint (\S+)", text)
+    where = f" ({endpoint.group(1)})" if endpoint else ""
+    if error.error_code == "UNAUTHENTICATED" or error.get_http_status_code() == 401:
+        return (f"{server} refused the request{where}: not authenticated (401); set MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD to your user on that server")
+    if error.error_code == "PERMISSION_DENIED" or error.get_http_status_code() == 403:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "?")
+        return (f"{server} refused the request{where}: user {user!r} lacks the permission (403); ask the server's "
+                "admin for the role it needs (`psyface server user add NAME --role edit`)")
+    if "Max retries exceeded" in text or "Connection refused" in text or "ConnectionError" in text:
+        return f"cannot reach {server}{where}: is the server running (`psyface server status DIR`)?"
+    return None
 
 
 def entry_point(main: F) -> F:
@@ -33,5 +59,11 @@ def entry_point(main: F) -> F:
         except KeyboardInterrupt:
             print("psyface: interrupted", file=sys.stderr)
             raise SystemExit(130) from None
+        except Exception as error:
+            message = server_refusal(error)
+            if message is None:
+                raise
+            print(f"psyface: error: {message}", file=sys.stderr)
+            raise SystemExit(EXIT_USER_ERROR) from None
 
     return wrapper  # type: ignore[return-value]

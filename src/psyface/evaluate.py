@@ -5,6 +5,8 @@ Metrics go to `reports/metrics.json` (`evaluate.test.<attribute>.<metric>`, stab
 The newly registered version becomes `champion` only if its test mean Pearson r beats the current
 champion's on the same data and split (the champion is re-scored here when it was scored elsewhere);
 the decision and its reason are tags on the version, and a failed or worse candidate never moves it.
+The decision is `promotion.promote`, which runs under `tracking.registry_lock`: two evaluates at once (on one machine
+or against a shared server) cannot both promote against the same old champion.
 """
 
 from __future__ import annotations

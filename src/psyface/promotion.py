@@ -61,20 +61,22 @@ def promote(name: str, version: str, here: Score, eligible: bool = True,
 
     The champion's score comes from its tags when it was measured on the same data and split, else
     from `rescore` (the champion scored here); without `rescore` it stays unknown (NaN), which never
-    loses to a candidate on the same data."""
-    current = tracking.alias_version(name, tracking.CHAMPION)
-    if current is not None and str(current.version) == str(version):
-        promoted, reason = True, "already the champion (re-evaluated)"
-    else:
-        champion = None
-        if current is not None:
-            champion = tagged_score(current, here) or (rescore(current) if rescore else Score(
-                math.nan, str(current.tags.get("data_hash")), str(current.tags.get("split_hash"))))
-        promoted, reason = decide(here if eligible else None, champion)
-    reason = reason.replace("mean r", score_name)
-    tracking.tag_version(name, version, {**(tags or {}), SCORE_TAG: score_tag(here.mean_r),
-                                         "promotion.decision": "champion" if promoted else "rejected",
-                                         "promotion.reason": reason})
-    if promoted:
-        tracking.set_alias(name, tracking.CHAMPION, version)
+    loses to a candidate on the same data. The decision holds the registry lock, so two evaluations
+    at once (two machines, one server) never leave `champion` on the worse version."""
+    with tracking.registry_lock(name):  # read-compare-write of `champion`: one decision at a time, across machines
+        current = tracking.alias_version(name, tracking.CHAMPION)
+        if current is not None and str(current.version) == str(version):
+            promoted, reason = True, "already the champion (re-evaluated)"
+        else:
+            champion = None
+            if current is not None:
+                champion = tagged_score(current, here) or (rescore(current) if rescore else Score(
+                    math.nan, str(current.tags.get("data_hash")), str(current.tags.get("split_hash"))))
+            promoted, reason = decide(here if eligible else None, champion)
+        reason = reason.replace("mean r", score_name)
+        tracking.tag_version(name, version, {**(tags or {}), SCORE_TAG: score_tag(here.mean_r),
+                                             "promotion.decision": "champion" if promoted else "rejected",
+                                             "promotion.reason": reason})
+        if promoted:
+            tracking.set_alias(name, tracking.CHAMPION, version)
     return promoted, reason

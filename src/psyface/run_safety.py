@@ -8,6 +8,10 @@
 - `owner_tags` / `close_stale_runs`: each run records the process that owns it; a RUNNING run whose
   owner process is gone (kill -9, power cut) is marked KILLED with a tag saying why, so it does not
   stay RUNNING forever, while a run owned by a live worker is left alone.
+
+Against a tracking server (`MLFLOW_TRACKING_URI=http://...`, e.g. `psyface server`): the pre-flight
+and the store lock are skipped (the server owns its storage, and `psyface server start` upgrades the
+schema before it serves); stale-run marking works unchanged through the API, for owners on this host.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Later stages (evaluate, explain, report) find the training run through `artifact
 (`read_run_file`), log into it with `open_run(run_id)` and load the network with `load_model(uri)`,
 which reads safetensors weights + a JSON spec and never unpickles anything. Serving the registered
 pyfunc (`mlflow models serve`) does unpickle: load registered models only from stores you trust.
+
+With `MLFLOW_TRACKING_URI` set to a server nothing local is written (no `mlruns/`): experiments take
+the server's proxied artifact root. `registry_lock` makes promotion atomic on any store.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from psyface.artifacts import RUN_FILE
-from psyface.errors import PsyfaceError
+from psyface.errors import PsyfaceError, server_refusal
 from psyface.io import write_json_atomic
 from psyface.model import (
     SPEC_FILE,
@@ -45,6 +50,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 MODEL_ARTIFACT = "model"
 CANDIDATE = "candidate"
 CHAMPION = "champion"
+LOCK_SUFFIX = ".psyface-lock"  # registered model `<name>.psyface-lock` exists while a promotion runs
+LOCK_OWNER_TAG = "psyface.lock_owner"
 # What the pyfunc needs at serving time (psyface itself must be importable: `--env-manager local`).
 PYFUNC_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "safetensors", "mlflow")
 
@@ -183,7 +190,8 @@ def load_model(model_uri: str, uri: str | None = None) -> tuple[AttributeNet | A
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/artifacts", dst_path=folder))
         except (MlflowException, OSError) as error:
-            raise PsyfaceError(f"cannot load model {model_uri!r}: {str(error).splitlines()[0]}") from None
+            reason = server_refusal(error) or str(error).splitlines()[0]
+            raise PsyfaceError(f"cannot load model {model_uri!r}: {reason}") from None
         if not (local / WEIGHTS_FILE).is_file():
             raise PsyfaceError(f"{model_uri!r} is not a psyface model (no {WEIGHTS_FILE} in its artifacts)")
         return load_trained(local / WEIGHTS_FILE, local / SPEC_FILE)
@@ -193,7 +201,9 @@ def alias_version(name: str, alias: str) -> ModelVersion | None:
     """The version of registered model `name` holding `alias`, or None."""
     try:
         return MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as error:
+        if server_refusal(error):
+            raise  # a refused or unreachable server is not "no such alias"
         return None
 
 
@@ -206,7 +216,8 @@ def resolve_version(model_uri: str) -> ModelVersion:
             return MlflowClient().get_model_version_by_alias(name, alias)
         return MlflowClient().get_model_version(name, reference.rsplit("/", 1)[1])
     except (MlflowException, IndexError) as error:
-        raise PsyfaceError(f"no registered model version at {model_uri!r}: {str(error).splitlines()[0]}") from None
+        reason = (server_refusal(error) if isinstance(error, MlflowException) else None) or str(error).splitlines()[0]
+        raise PsyfaceError(f"no registered model version at {model_uri!r}: {reason}") from None
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
@@ -217,3 +228,49 @@ def tag_version(name: str, version: str, tags: Mapping[str, str]) -> None:
     client = MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+
+
+@contextmanager
+def registry_lock(name: str, wait_s: float = 600, stale_s: float = 900) -> Iterator[None]:
+    """Hold a mutex named after registered model `name`, valid across processes and machines.
+
+    Clients of a tracking server speak only HTTP, so no database or file lock reaches them; the one
+    atomic primitive every MLflow store offers is that registered-model names are unique. Creating
+    `<name>.psyface-lock` succeeds for exactly one caller; the others retry until it is deleted. A
+    lock whose owner process died on this host, or older than `stale_s` (clock of the server), is
+    broken. Works the same on the local SQLite store."""
+    from psyface.run_safety import OWNER_TAG, owner_is_gone, owner_tags
+
+    client = MlflowClient()
+    lock = f"{name}{LOCK_SUFFIX}"
+    owner = owner_tags()[OWNER_TAG]
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(lock, tags={LOCK_OWNER_TAG: owner},
+                                           description=f"psyface promotion lock of {name!r}, held by {owner}")
+            break
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+        except MlflowException:
+            continue  # released between our two calls
+        holder = held.tags.get(LOCK_OWNER_TAG, "")
+        age = time.time() - held.creation_timestamp / 1000
+        if owner_is_gone(holder) or age > stale_s:
+            try:
+                client.delete_registered_model(lock)
+                print(f"broke the stale promotion lock of {name!r} (held by {holder} for {age:.0f} s)")
+            except MlflowException:
+                pass  # someone else broke it first
+            continue
+        if time.monotonic() > deadline:
+            raise PsyfaceError(f"registered model {lock!r} (the promotion lock of {name!r}) has been held by {holder} "
+                               f"for {age:.0f} s; if that process is gone, delete the registered model {lock!r}")
+        time.sleep(0.2 + random.random() * 0.5)  # jitter: waiters do not retry in lockstep
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
