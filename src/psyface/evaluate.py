@@ -2,6 +2,8 @@
 
 Metrics go to `reports/metrics.json` (`evaluate.test.<attribute>.<metric>`, stable keys for
 `dvc metrics diff`), to `dvc plots` sources under `reports/evaluate/`, and into the training run.
+Every test r carries a 95 % identity-grouped bootstrap interval (`pearson_r_ci_low/high`); with
+`split.folds` the train stage's per-fold figures appear beside them as `evaluate.cv.<attribute>`.
 The newly registered version becomes `champion` only if its test mean Pearson r beats the current
 champion's on the same data and split (the champion is re-scored here when it was scored elsewhere);
 the decision and its reason are tags on the version, and a failed or worse candidate never moves it.
@@ -10,6 +12,7 @@ the decision and its reason are tags on the version, and a failed or worse candi
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +27,12 @@ from psyface.errors import PsyfaceError, entry_point
 from psyface.io import write_csv_atomic, write_json_atomic
 from psyface.model import AttributeEnsemble, AttributeNet, ModelSpec, predict_ratings
 from psyface.prepare import PREPARED_DIR, Prepared, load_prepared
+from psyface.resampling import grouped_bootstrap_r
 
 METRICS_FILE = Path("reports/metrics.json")
+CV_FILE = Path("artifacts/train/cv.json")
+BOOTSTRAP_RESAMPLES = 1000  # identities drawn with replacement per resample; fixed seed 0: reruns agree
+CI_LEVEL = 0.95
 PLOTS_DIR = Path("reports/evaluate")
 METRIC_NAMES = ("pearson_r", "spearman_rho", "r2", "mae", "ceiling", "r_over_ceiling")
 MEAN_R_TAG = "test_mean_pearson_r"
@@ -97,7 +104,13 @@ def score_model(net: AttributeNet | AttributeEnsemble, spec: ModelSpec, prepared
     ids = prepared.table["id"].to_numpy()[rows]
     long = pd.concat([pd.DataFrame({"id": ids, "attribute": name, "rated": rated[:, i], "predicted": predicted[:, i]})
                       for i, name in enumerate(spec.attributes)], ignore_index=True)
-    return split_metrics(predicted, rated, spec.attributes, dataset.reliability), long
+    metrics = split_metrics(predicted, rated, spec.attributes, dataset.reliability)
+    groups = prepared.table[dataset.identity_column or "id"].astype(str).to_numpy()[rows]
+    low, high, mean_low, mean_high = grouped_bootstrap_r(predicted, rated, groups, BOOTSTRAP_RESAMPLES, CI_LEVEL)
+    for i, name in enumerate(spec.attributes):
+        metrics[name].update(pearson_r_ci_low=float(low[i]), pearson_r_ci_high=float(high[i]))
+    metrics["mean"].update(pearson_r_ci_low=float(mean_low), pearson_r_ci_high=float(mean_high))
+    return metrics, long
 
 
 def scatter_figure(long: pd.DataFrame, metrics: dict[str, dict[str, float]]) -> Figure:
@@ -151,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     net, spec = tracking.load_model(run.model_uri, run.tracking_uri)
     metrics, long = score_model(net, spec, prepared, dataset)
     finite = {a: {m: v if math.isfinite(v) else None for m, v in values.items()} for a, values in metrics.items()}
-    write_json_atomic({"evaluate": {"test": finite}}, METRICS_FILE)
+    cv = json.loads(CV_FILE.read_text(encoding="utf-8")) if CV_FILE.is_file() else {"folds": 0}
+    results: dict = {"test": finite}
+    if cv["folds"]:
+        results["cv"] = {"folds": cv["folds"], "recipe": cv["recipe"], **cv["summary"]}
+    write_json_atomic({"evaluate": results}, METRICS_FILE)
     per_attribute = pd.DataFrame([{"attribute": a, **metrics[a]} for a in spec.attributes])
     write_csv_atomic(per_attribute, PLOTS_DIR / "per_attribute.csv")
     write_csv_atomic(long, PLOTS_DIR / "predictions.csv")
@@ -174,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         "promotion.reason": reason})
     if promote:
         tracking.set_alias(run.model_name, tracking.CHAMPION, run.model_version)
-    print(f"evaluate: test mean r {here.mean_r:.3f} | " + ", ".join(f"{a} {metrics[a]['pearson_r']:.2f}" for a in spec.attributes))
+    print(f"evaluate: test mean r {here.mean_r:.3f} [{metrics['mean']['pearson_r_ci_low']:.3f}, "
+          f"{metrics['mean']['pearson_r_ci_high']:.3f}] | "
+          + ", ".join(f"{a} {metrics[a]['pearson_r']:.2f}" for a in spec.attributes))
     print(f"evaluate: v{run.model_version} {'-> champion' if promote else 'not promoted'}: {reason}")
     return 0
 
