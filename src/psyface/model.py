@@ -297,8 +297,9 @@ def imagenet_weights_file(arch: str) -> Path:
         import torchvision
 
         enum = torchvision.models.get_model_weights(arch)
-        # The default weights first, then any other ImageNet weights of the same architecture.
-        urls = [enum.DEFAULT.url, *(w.url for w in enum if w is not enum.DEFAULT)]
+        # The default weights first, then other ImageNet classifiers of the same architecture (not VGG's
+        # features-only IMAGENET1K_FEATURES: another normalisation and no classifier).
+        urls = [enum.DEFAULT.url, *(w.url for w in enum if w is not enum.DEFAULT and "FEATURES" not in w.name)]
         found = [folder / u.rsplit("/", 1)[-1] for u in urls if (folder / u.rsplit("/", 1)[-1]).is_file()]
         if found:
             return found[0]
