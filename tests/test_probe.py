@@ -210,3 +210,38 @@ def test_init_imagenet_finds_any_torchvision_weights_file_in_the_hub_cache(tmp_p
     net, tags = probe_backbone(TrainParams(arch=ARCH, init="imagenet"), 2, 32, torch.device("cpu"))
     assert torch.equal(net.features.backbone.features[0][0].weight, model.features[0][0].weight)
     assert json.loads(tags["init.std"]) == list(IMAGENET_STD)
+
+
+@pytest.mark.slow
+def test_fine_tune_cross_validation_logs_a_nested_run_per_fold(tmp_path, monkeypatch, synthetic_data):
+    import mlflow
+
+    from psyface.prepare import load_prepared
+    from psyface.train import CV_FILE, cross_validate
+
+    root = make_workspace(tmp_path, synthetic_data, epochs=1)
+    monkeypatch.chdir(root)
+    prepared = load_prepared(root / "artifacts/prepared")
+    table = prepared.table.assign(fold=grouped_folds(prepared.table["identity"].to_numpy(), 3, seed=0))
+    attributes = ["happy", "warm"]
+    mlflow.set_tracking_uri(tracking_env(root)["MLFLOW_TRACKING_URI"])
+    mlflow.set_experiment("cv")
+    params = TrainParams(arch="test_efficientnet", epochs=1, batch_size=16)
+    with mlflow.start_run() as run:
+        cross_validate(params, np.asarray(prepared.images), table, attributes, table["identity"].to_numpy(), torch.device("cpu"))
+    result = json.loads(CV_FILE.read_text())
+    assert result["folds"] == 3 and result["recipe"] == "finetune" and len(result["per_fold"]) == 3
+    children = mlflow.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'", output_format="list")
+    assert sorted(c.data.tags["fold"] for c in children) == ["0", "1", "2"]
+    assert {f"test_r_{a}" for a in attributes} <= set(children[0].data.metrics)
+    assert mlflow.get_run(run.info.run_id).data.metrics["cv_happy_pearson_r_sd"] >= 0
+
+
+@pytest.mark.parametrize("n_features", [5, 80])
+def test_ridge_path_errors_equal_sklearn_ridge_for_every_penalty(n_features):
+    rng = np.random.default_rng(1)
+    x, x_held = rng.standard_normal((30, n_features)), rng.standard_normal((10, n_features))
+    y, y_held = rng.standard_normal((30, 3)), rng.standard_normal((10, 3))
+    alphas = [0.01, 1.0, 100.0]
+    expected = np.stack([((Ridge(alpha=a).fit(x, y).predict(x_held) - y_held) ** 2).sum(0) for a in alphas])
+    np.testing.assert_allclose(probe.ridge_path_errors(x, y, x_held, y_held, alphas), expected, rtol=1e-6)
