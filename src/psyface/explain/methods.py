@@ -180,6 +180,10 @@ def lrp_ready(model: nn.Module) -> nn.Module:
 
 
 def lrp(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
+    nets = list(model.members) if isinstance(model, AttributeEnsemble) else [model]
+    if any(hasattr(getattr(net, "features", None), "backbone") for net in nets):  # a torchvision/timm adapter
+        raise PsyfaceError("LRP is not available for this architecture: its rules here fit plain convolution "
+                           "stacks (VGG), not residual, depthwise or attention blocks")
     ready = lrp_ready(model)
     expanded, targets = expand_targets(images, n_outputs_of(ready))
     try:

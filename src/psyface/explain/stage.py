@@ -200,7 +200,7 @@ def explain_test_set(
     """Every method's maps, scores and figures for the test faces -> (metrics, raw map subset)."""
     net.eval()
     attributes = spec.attributes
-    inputs = to_input(test.images).contiguous()
+    inputs = to_input(test.images, "cpu", spec.input_mean, spec.input_std).contiguous()
     with torch.no_grad():
         predictions = torch.cat([net(batch) for batch in inputs.split(params.batch_size)]).numpy()
     ratings = spec.to_rating_scale(predictions)
@@ -218,7 +218,12 @@ def explain_test_set(
     for method in params.methods:
         n_images = min(params.max_images.get(method, 0) or len(test.ids), len(test.ids))
         started = time.perf_counter()
-        maps = compute_maps(net, inputs[:n_images], method, params.options, params.batch_size, progress)
+        try:
+            maps = compute_maps(net, inputs[:n_images], method, params.options, params.batch_size, progress)
+        except PsyfaceError as error:  # e.g. Grad-CAM on a transformer, LRP on layers without rules
+            print(f"explain: {method} not available for {spec.arch}: {error}")
+            metrics[method] = {"available": False, "reason": str(error)}
+            continue
         seconds = time.perf_counter() - started
         scores, deletion_by_method[method] = quality(net, inputs, maps, test, attributes, params, method, random_curves,
                                                          randomised)
@@ -245,6 +250,7 @@ def explain_test_set(
 def targets(metrics: dict[str, Any], params: ExplainParams) -> dict[str, bool | None]:
     """The issue's targets, checked: Grad-CAM localisation and randomisation of Grad-CAM and IG."""
     checks: dict[str, bool | None] = {}
+    metrics = {method: values for method, values in metrics.items() if not (isinstance(values, dict) and values.get("available") is False)}
     if "gradcam" in metrics:
         worst = metrics["gradcam"]["worst_relevance_mass_accuracy"]
         checks["gradcam_relevance_mass_accuracy"] = None if worst is None else worst >= params.rma_target

@@ -175,13 +175,17 @@ def manifold_table(numbers: dict[str, dict]) -> pd.DataFrame:
 
 
 def accuracy_table(evaluate_metrics: dict, attributes: list[str]) -> pd.DataFrame:
-    """evaluate's test Pearson r per attribute next to its reliability ceiling."""
+    """evaluate's test Pearson r per attribute with its 95 % grouped bootstrap interval, next to its
+    reliability ceiling, and the cross-validated mean ± SD over folds where `split.folds` was set."""
     test = evaluate_metrics.get("evaluate", {}).get("test", {})
+    cv = evaluate_metrics.get("evaluate", {}).get("cv", {})
     missing = [name for name in attributes if name not in test]
     if missing:
         raise PsyfaceError(f"{EVALUATE_METRICS_FILE} has no evaluate.test metrics for {missing}: rerun `dvc repro evaluate`")
+    keys = ("pearson_r", "pearson_r_ci_low", "pearson_r_ci_high", "ceiling", "r_over_ceiling")
     return pd.DataFrame([
-        {"attribute": name, **{key: test[name].get(key) for key in ("pearson_r", "ceiling", "r_over_ceiling")}}
+        {"attribute": name, **{key: test[name].get(key) for key in keys},
+         **({f"cv_{key}": cv[name][key] for key in ("pearson_r_mean", "pearson_r_sd")} if name in cv else {})}
         for name in attributes
     ])
 
@@ -315,6 +319,7 @@ def build_page(
     content.figures["training"] = [html.Figure("Learning curves", plots.learning_curves(curves),
                                                f"{len(curves)} epochs; validation r per attribute")]
     content.figures["accuracy"] = [html.Figure("Test Pearson r per attribute", plots.accuracy_against_ceiling(accuracy),
+                                               "bars: 95 % bootstrap interval over identities; "
                                                "ceiling = sqrt(split-half reliability of the mean ratings)")]
     content.tables["accuracy"] = [html.Table("Accuracy", accuracy)]
     content.figures["explanations"] = explain_figures
