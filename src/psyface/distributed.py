@@ -169,9 +169,8 @@ def launch(nproc_per_node: int, module: str, argv: list[str]) -> int:
         elastic_launch(config, sys.executable)("-u", "-m", module, *argv)
     except ChildFailedError as error:
         codes = {rank: failure.exitcode for rank, failure in error.failures.items()}
-        for quiet in (2, 130):  # a user error or an interruption: the worker already said why
-            if quiet in codes.values():
-                return quiet
+        if set(codes.values()) <= {2, 130}:  # a user error or an interruption: the worker already said why
+            return max(codes.values(), key=lambda code: code == 2)
         print(f"psyface: error: training worker(s) failed, rank: exit code {codes} (their output is above)",
               file=sys.stderr)
         return 1
