@@ -307,3 +307,55 @@ def test_kill_9_of_a_rank_then_rerun_with_torchrun_resumes_the_same_run(tmp_path
     steps = {m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_mean_r")}
     assert steps == set(range(1, epochs + 1))
     assert [str(v.version) for v in MlflowClient().search_model_versions("name = 'tiny-model'")] == ["1"]
+
+
+# ---------------------------------------------------------------- sweeps: the DVC queue
+
+def dvc(root: Path, *args: str, env: dict[str, str]) -> str:
+    result = subprocess.run([str(Path(sys.executable).with_name("dvc")), *args], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"dvc {' '.join(args)}: {result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_two_queued_experiments_run_at_once_into_the_project_store_with_their_names(tmp_path, synthetic_data):
+    """`dvc exp run --queue` + `dvc queue start -j 2`, each experiment on 2 torchrun workers: each
+    runs in a temporary copy, and its one run reaches the project's store (DVC_ROOT) named after it."""
+    root = make_workspace(tmp_path / "project", synthetic_data, epochs=1)
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": {
+        "cmd": "python -m psyface.train", "deps": ["artifacts/prepared", "data"], "params": ["train", "registry"],
+        "outs": [{"artifacts/train/run.json": {"cache": False}}]}}}))
+    (root / ".gitignore").write_text("mlruns/\n")
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    env.update({"PYTHONPATH": str(SRC), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **DDP_ENV,
+                "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
+                "GIT_COMMITTER_EMAIL": "t@example.org"})
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc(root, "init", "-q", env=env)
+    dvc(root, "add", "-q", "data", "artifacts/prepared", env=env)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "project"], cwd=root, check=True, env=env)
+    for seed in (1, 2):  # two torchrun jobs at once: their rendezvous ports must not collide
+        dvc(root, "exp", "run", "--queue", "-S", f"train.seed={seed}", "-S", "train.distributed.nproc_per_node=2", env=env)
+    dvc(root, "queue", "start", "-j", "2", env=env)
+    deadline = time.monotonic() + 600
+    while True:
+        status = dvc(root, "queue", "status", env=env)
+        if not any(word in status for word in ("Queued", "Running")) or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    names = set(dvc(root, "exp", "ls", "--name-only", env=env).split())
+    tracking.use_tracking(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    finished = mlflow.search_runs(experiment_names=["tests"], output_format="list")
+    assert sorted(r.info.status for r in finished) == ["FINISHED", "FINISHED"]
+    assert {r.data.tags["dvc.exp_name"] for r in finished} == {r.info.run_name for r in finished} == names
+    assert len(names) == 2
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    assert {r.data.tags["dvc.baseline_rev"] for r in finished} == {head}
+    assert {r.data.params["train.seed"] for r in finished} == {"1", "2"}
+    assert {r.data.tags["distributed.world_size"] for r in finished} == {"2"}
+    client = MlflowClient()
+    assert len(client.search_model_versions("name = 'tiny-model'")) == 2
+    assert "champion" not in client.get_registered_model("tiny-model").aliases  # only evaluate promotes
