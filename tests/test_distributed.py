@@ -359,3 +359,15 @@ def test_two_queued_experiments_run_at_once_into_the_project_store_with_their_na
     client = MlflowClient()
     assert len(client.search_model_versions("name = 'tiny-model'")) == 2
     assert "champion" not in client.get_registered_model("tiny-model").aliases  # only evaluate promotes
+
+
+def test_the_store_lock_that_promotion_holds_makes_other_processes_wait(tmp_path):
+    from psyface import run_safety
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    probe = ("import fcntl, sys; f = open(sys.argv[1], 'w')\n"
+             "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)")
+    lock_file = str(tmp_path / "mlflow.db.lock")
+    with run_safety.store_lock(uri):
+        assert subprocess.run([sys.executable, "-c", probe, lock_file]).returncode == 3  # another process waits
+    assert subprocess.run([sys.executable, "-c", probe, lock_file]).returncode == 0

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from psyface import tracking
+    from psyface import run_safety, tracking
 
     run = tracking.read_run_file()
     dataset = load_dataset(DATA_DIR)
@@ -159,21 +159,22 @@ def main(argv: list[str] | None = None) -> int:
     tags = MlflowClient().get_run(run.run_id).data.tags
     here = Score(metrics["mean"]["pearson_r"], tags.get("data_hash", "untracked"), tags.get("split_hash", ""))
     trained = MlflowClient().get_run(run.run_id).info.status == "FINISHED"
-    current = tracking.alias_version(run.model_name, tracking.CHAMPION)
-    if current is not None and str(current.version) == run.model_version:
-        promote, reason = True, "already the champion (re-evaluated)"
-    else:
-        promote, reason = decide(here if trained else None, champion_score(run.model_name, prepared, dataset, here))
     with tracking.open_run(run.run_id, run.tracking_uri):
         mlflow.log_metrics({f"test_{a}_{m}": v for a, values in metrics.items() for m, v in values.items()
                             if math.isfinite(v)})
         mlflow.log_figure(scatter_figure(long, metrics), "plots/test_scatter.png")
         mlflow.log_artifact(str(METRICS_FILE), "evaluate")
-    tracking.tag_version(run.model_name, run.model_version, {
-        MEAN_R_TAG: score_tag(here.mean_r), "promotion.decision": "champion" if promote else "rejected",
-        "promotion.reason": reason})
-    if promote:
-        tracking.set_alias(run.model_name, tracking.CHAMPION, run.model_version)
+    with run_safety.store_lock(run.tracking_uri):  # queued experiments finishing at once: one decision at a time
+        current = tracking.alias_version(run.model_name, tracking.CHAMPION)
+        if current is not None and str(current.version) == run.model_version:
+            promote, reason = True, "already the champion (re-evaluated)"
+        else:
+            promote, reason = decide(here if trained else None, champion_score(run.model_name, prepared, dataset, here))
+        tracking.tag_version(run.model_name, run.model_version, {
+            MEAN_R_TAG: score_tag(here.mean_r), "promotion.decision": "champion" if promote else "rejected",
+            "promotion.reason": reason})
+        if promote:
+            tracking.set_alias(run.model_name, tracking.CHAMPION, run.model_version)
     print(f"evaluate: test mean r {here.mean_r:.3f} | " + ", ".join(f"{a} {metrics[a]['pearson_r']:.2f}" for a in spec.attributes))
     print(f"evaluate: v{run.model_version} {'-> champion' if promote else 'not promoted'}: {reason}")
     return 0
