@@ -100,11 +100,12 @@ def bench_cpu(args: argparse.Namespace) -> None:
         out = str(Path(folder) / "rate")
         torch.multiprocessing.spawn(cpu_rank, args=(args.processes, free_port(), args, out), nprocs=args.processes)
         rates[f"{args.processes} processes x 1 thread (gloo)"] = float(Path(out).read_text())
-    model = " ".join(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))[:60] if Path("/proc/cpuinfo").exists() else "unknown"
+    info = Path("/proc/cpuinfo")
+    model = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                  if line.startswith("model name")), "unknown") if info.exists() else "unknown"
     bf16 = "native bf16" if (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()) else "fp32 path"
-    print(f"CPU: {model} ({cores} cores, {bf16}); {args.arch} at {args.size} px, global batch {args.batch_size}, "
-          f"{args.images} images per epoch")
+    print(f"CPU: {model} ({cores} cores, {bf16}, load average {os.getloadavg()[0]:.1f} at the end); {args.arch} at "
+          f"{args.size} px, global batch {args.batch_size}, {args.images} images per epoch")
     for name, rate in rates.items():
         print(f"  {name:32s} {rate:8.1f} img/s")
     single = rates["1 process x 1 thread(s)"]

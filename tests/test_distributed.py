@@ -26,7 +26,6 @@ from psyface.model import build_model, normalise, to_unit
 from psyface.train import Augmentation, Data, TrainParams, TrainState, augment, train_epochs
 from workspace import make_workspace
 
-pytestmark = pytest.mark.xdist_group("distributed")  # one worker: these tests use both cores each
 
 # CPU DDP as the tests run it: one thread per rank, gloo on loopback.
 DDP_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}

@@ -4,7 +4,9 @@ The core (`augment`, `train_epochs`) takes tensors and returns a `TrainState`; t
 reads `artifacts/prepared/`, checkpoints every epoch (an interrupted run resumes bit-identically),
 logs to MLflow and registers the model with alias `candidate`. Multi-task by default: one network,
 every attribute, standardised targets (train mean/std travel in the ModelSpec). `per_attribute: true`
-trains one network per attribute (the peer's protocol) as nested runs.
+trains one network per attribute (the peer's protocol) as nested runs. With
+`distributed.nproc_per_node > 1` (or under torchrun) the same loop runs data-parallel with DDP
+(`psyface.distributed`), still one run: only rank 0 tracks and checkpoints.
 """
 
 from __future__ import annotations
