@@ -321,7 +321,8 @@ def dvc(root: Path, *args: str, env: dict[str, str]) -> str:
 def test_two_queued_experiments_run_at_once_into_the_project_store_with_their_names(tmp_path, synthetic_data):
     """`dvc exp run --queue` + `dvc queue start -j 2`, each experiment on 2 torchrun workers: each
     runs in a temporary copy, and its one run reaches the project's store (DVC_ROOT) named after it."""
-    root = make_workspace(tmp_path / "project", synthetic_data, epochs=1)
+    root = make_workspace(tmp_path / "project", synthetic_data, epochs=1,
+                          distributed={"nproc_per_node": 1})  # -S overrides only keys params.yaml has
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": {
         "cmd": "python -m psyface.train", "deps": ["artifacts/prepared", "data"], "params": ["train", "registry"],
         "outs": [{"artifacts/train/run.json": {"cache": False}}]}}}))
