@@ -260,6 +260,18 @@ def test_the_stage_on_two_processes_is_one_run_close_to_the_one_process_run(tmp_
     assert history(ddp.info.run_id, "val_loss") == pytest.approx(history(single.info.run_id, "val_loss"), rel=0.25)
 
 
+@pytest.mark.slow
+def test_a_user_error_on_the_workers_is_one_line_per_rank_and_exit_2(tmp_path, synthetic_data):
+    root = make_workspace(tmp_path / "project", synthetic_data, distributed={"nproc_per_node": 2})
+    (root / "artifacts/prepared/meta.json").unlink()
+    result = subprocess.run([sys.executable, "-m", "psyface.train"], cwd=root, env=stage_env(root),
+                            capture_output=True, text=True, timeout=600)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors and all(line.startswith("psyface: error:") for line in errors), errors
+    assert any("rank 1: " in line for line in errors) or len(errors) == 1
+
+
 def workers_of(launcher: psutil.Process) -> dict[int, psutil.Process]:
     """The torchrun workers under `launcher`, by rank."""
     found = {}
