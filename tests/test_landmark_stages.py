@@ -12,6 +12,7 @@ import torch
 
 from conftest import make_synthetic
 from psyface import landmarks
+from psyface.artifacts import NORMALISED_LANDMARKS_FILE
 from psyface.dataset.layout import load_dataset
 from psyface.expressions import stage as expressions_stage
 from psyface.split import SplitParams, assign_splits
@@ -96,7 +97,7 @@ def test_too_many_unusable_landmark_rows_stop_the_stage_with_one_line(
     assert len(error.strip().splitlines()) == 1
     problems = pd.read_csv(project / "reports" / "landmarks" / "problems.csv")
     assert problems["problem"].str.startswith("missing coordinate(s) x3").sum() == len(table) // 10 + 1
-    assert not (project / landmarks.OUT_FILE).exists()
+    assert not (project / NORMALISED_LANDMARKS_FILE).exists()
 
 
 def test_an_expression_without_ground_truth_regions_is_a_params_error(

@@ -26,7 +26,7 @@ from tests.workspace import make_workspace, tracking_env
 
 MODEL = "tiny-model"
 # One worker runs this module's tests so the trained project is built once (`pytest -n 2 --dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("pipeline")
+pytestmark = [pytest.mark.xdist_group("pipeline"), pytest.mark.slow]  # trains networks in subprocesses
 
 
 def stage(module: str, root, env) -> subprocess.CompletedProcess[str]:

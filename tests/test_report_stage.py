@@ -126,15 +126,9 @@ def project(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
 
 @pytest.fixture(scope="session")
 def chromium() -> Path:
-    """Debian's chromium, installed through apt when missing (as root); never a downloaded browser."""
+    """Debian's chromium (`make test` installs it; never a downloaded browser)."""
     if not CHROMIUM.is_file():
-        if os.geteuid() != 0 or not shutil.which("apt-get"):
-            pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (needs root)")
-        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        with FileLock("/tmp/psyface-chromium-install.lock"):
-            if not CHROMIUM.is_file():
-                for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
-                    subprocess.run(command, env=environment, check=True, capture_output=True, timeout=900)
+        pytest.fail(f"{CHROMIUM} is missing: `make system` (as root) or `apt-get install -y chromium` installs it")
     return CHROMIUM
 
 

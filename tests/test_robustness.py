@@ -28,7 +28,7 @@ from psyface.tracking import use_tracking
 from workspace import make_workspace
 
 # One xdist worker runs this module so the two-worker store is trained once (`--dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("robustness")
+pytestmark = [pytest.mark.xdist_group("robustness"), pytest.mark.slow]  # trains networks in subprocesses
 
 MODEL = "tiny-model"
 EPOCHS = 4

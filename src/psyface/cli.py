@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("psyface.predict", "rate face images with a registered model (models:/NAME@ALIAS)"),
     "explain": ("psyface.explain.cli", "attribution maps (overlays + raw .npy) of a registered model for any images"),
     "report": ("psyface.report.stage", "stage: manifold view, bias audit and the self-contained HTML report"),
-    "transfer": ("psyface.transfer", "base models from dataset columns; the transfer learning-curve sweep"),
+    "transfer": ("psyface.transfer.stage", "base models from dataset columns; the transfer learning-curve sweep"),
 }
 
 

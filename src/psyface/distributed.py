@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from psyface.config import PositiveInt
 from psyface.errors import PsyfaceError
 
 T = TypeVar("T")
@@ -33,7 +34,7 @@ WORKER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # set by torchrun for e
 
 @dataclass
 class DistributedParams:
-    nproc_per_node: int = 1  # > 1: psyface starts this many workers with torchrun (one node)
+    nproc_per_node: PositiveInt = 1  # > 1: psyface starts this many workers with torchrun (one node)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     sync_bn: bool = True  # SyncBatchNorm across ranks; CUDA only (on CPU each rank normalises its share)
 

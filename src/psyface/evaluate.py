@@ -11,33 +11,29 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from mlflow.entities.model_registry import ModelVersion
 from scipy import stats
+from sklearn.metrics import mean_absolute_error, r2_score
 
+from psyface.artifacts import (
+    EVALUATE_METRICS_FILE,
+    EVALUATE_PLOTS_DIR,
+    PREPARED_DIR,
+    Prepared,
+    load_prepared,
+)
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.io import write_csv_atomic, write_json_atomic
+from psyface.metrics import pearson_columns
 from psyface.model import AttributeEnsemble, AttributeNet, ModelSpec, predict_ratings
-from psyface.prepare import PREPARED_DIR, Prepared, load_prepared
+from psyface.promotion import Score
 
-METRICS_FILE = Path("reports/metrics.json")
-PLOTS_DIR = Path("reports/evaluate")
 METRIC_NAMES = ("pearson_r", "spearman_rho", "r2", "mae", "ceiling", "r_over_ceiling")
-MEAN_R_TAG = "test_mean_pearson_r"
-
-
-@dataclass(frozen=True)
-class Score:
-    """What promotion compares: a model's test mean r and where it was measured."""
-
-    mean_r: float
-    data_hash: str
-    split_hash: str
 
 
 def attribute_metrics(predicted: np.ndarray, rated: np.ndarray, reliability: float | None) -> dict[str, float]:
@@ -45,14 +41,11 @@ def attribute_metrics(predicted: np.ndarray, rated: np.ndarray, reliability: flo
 
     The ceiling is sqrt(reliability): the highest correlation any predictor can reach against mean
     ratings whose split-half reliability is `reliability` (attenuation); NaN when unknown."""
-    constant = np.ptp(predicted) == 0 or np.ptp(rated) == 0
-    r = math.nan if constant else float(stats.pearsonr(predicted, rated).statistic)
-    rho = math.nan if constant else float(stats.spearmanr(predicted, rated).statistic)
-    residual = float(((rated - predicted) ** 2).sum())
-    total = float(((rated - rated.mean()) ** 2).sum())
+    r = float(pearson_columns(predicted, rated)[0])
+    rho = math.nan if math.isnan(r) else float(stats.spearmanr(predicted, rated).statistic)
     ceiling = math.sqrt(reliability) if reliability and reliability > 0 else math.nan
-    return {"pearson_r": r, "spearman_rho": rho, "r2": 1 - residual / total if total > 0 else math.nan,
-            "mae": float(np.abs(rated - predicted).mean()), "ceiling": ceiling, "r_over_ceiling": r / ceiling}
+    return {"pearson_r": r, "spearman_rho": rho, "r2": float(r2_score(rated, predicted, force_finite=False)),
+            "mae": float(mean_absolute_error(rated, predicted)), "ceiling": ceiling, "r_over_ceiling": r / ceiling}
 
 
 def split_metrics(predicted: np.ndarray, rated: np.ndarray, attributes: list[str],
@@ -62,25 +55,6 @@ def split_metrics(predicted: np.ndarray, rated: np.ndarray, attributes: list[str
              for i, name in enumerate(attributes)}
     table["mean"] = {metric: float(np.mean([table[a][metric] for a in attributes])) for metric in METRIC_NAMES}
     return table
-
-
-def score_tag(score: float) -> str:
-    """A score as a version tag that reads back exactly (`repr` round-trips a float): the promotion
-    rule compares it with a fresh score, and a rounded tag made an identical model look better."""
-    return repr(float(score))
-
-
-def decide(candidate: Score | None, champion: Score | None) -> tuple[bool, str]:
-    """The promotion rule: (promote?, reason). Strictly better on the same data and split only."""
-    if candidate is None or not math.isfinite(candidate.mean_r):
-        return False, "candidate failed: no finite test mean r"
-    if champion is None:
-        return True, f"first champion (test mean r {candidate.mean_r:.4f})"
-    if (champion.data_hash, champion.split_hash) != (candidate.data_hash, candidate.split_hash):
-        return False, "champion was scored on other data or another split; not comparable"
-    if candidate.mean_r > champion.mean_r:
-        return True, f"test mean r {candidate.mean_r:.4f} beats champion's {champion.mean_r:.4f}"
-    return False, f"test mean r {candidate.mean_r:.4f} does not beat champion's {champion.mean_r:.4f}"
 
 
 def score_model(net: AttributeNet | AttributeEnsemble, spec: ModelSpec, prepared: Prepared,
@@ -118,22 +92,16 @@ def scatter_figure(long: pd.DataFrame, metrics: dict[str, dict[str, float]]) -> 
     return figure
 
 
-def champion_score(name: str, prepared: Prepared, dataset: DatasetSpec, here: Score) -> Score | None:
-    """The current champion's score on this data and split: from its tags, else re-scored here."""
+def rescore(champion: ModelVersion, prepared: Prepared, dataset: DatasetSpec, here: Score) -> Score:
+    """The champion scored on this data and split (when its tags hold no comparable score)."""
     from psyface import tracking
 
-    version = tracking.alias_version(name, tracking.CHAMPION)
-    if version is None:
-        return None
-    tags = version.tags
-    if tags.get("data_hash") == here.data_hash and tags.get("split_hash") == here.split_hash and MEAN_R_TAG in tags:
-        return Score(float(tags[MEAN_R_TAG]), here.data_hash, here.split_hash)
     try:
-        net, spec = tracking.load_model(f"models:/{name}/{version.version}")
+        net, spec = tracking.load_model(f"models:/{champion.name}/{champion.version}")
         metrics, _ = score_model(net, spec, prepared, dataset)
     except PsyfaceError as error:
-        print(f"evaluate: champion v{version.version} cannot be re-scored here ({error})")
-        return Score(math.nan, str(tags.get("data_hash")), str(tags.get("split_hash")))
+        print(f"evaluate: champion v{champion.version} cannot be re-scored here ({error})")
+        return Score(math.nan, str(champion.tags.get("data_hash")), str(champion.tags.get("split_hash")))
     return Score(metrics["mean"]["pearson_r"], here.data_hash, here.split_hash)
 
 
@@ -143,18 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from psyface import run_safety, tracking
+    from psyface import promotion, tracking
 
     run = tracking.read_run_file()
     dataset = load_dataset(DATA_DIR)
     prepared = load_prepared(PREPARED_DIR)
     net, spec = tracking.load_model(run.model_uri, run.tracking_uri)
     metrics, long = score_model(net, spec, prepared, dataset)
-    finite = {a: {m: v if math.isfinite(v) else None for m, v in values.items()} for a, values in metrics.items()}
-    write_json_atomic({"evaluate": {"test": finite}}, METRICS_FILE)
+    write_json_atomic({"evaluate": {"test": metrics}}, EVALUATE_METRICS_FILE)
     per_attribute = pd.DataFrame([{"attribute": a, **metrics[a]} for a in spec.attributes])
-    write_csv_atomic(per_attribute, PLOTS_DIR / "per_attribute.csv")
-    write_csv_atomic(long, PLOTS_DIR / "predictions.csv")
+    write_csv_atomic(per_attribute, EVALUATE_PLOTS_DIR / "per_attribute.csv")
+    write_csv_atomic(long, EVALUATE_PLOTS_DIR / "predictions.csv")
 
     tags = MlflowClient().get_run(run.run_id).data.tags
     here = Score(metrics["mean"]["pearson_r"], tags.get("data_hash", "untracked"), tags.get("split_hash", ""))
@@ -163,18 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         mlflow.log_metrics({f"test_{a}_{m}": v for a, values in metrics.items() for m, v in values.items()
                             if math.isfinite(v)})
         mlflow.log_figure(scatter_figure(long, metrics), "plots/test_scatter.png")
-        mlflow.log_artifact(str(METRICS_FILE), "evaluate")
-    with run_safety.store_lock(run.tracking_uri):  # queued experiments finishing at once: one decision at a time
-        current = tracking.alias_version(run.model_name, tracking.CHAMPION)
-        if current is not None and str(current.version) == run.model_version:
-            promote, reason = True, "already the champion (re-evaluated)"
-        else:
-            promote, reason = decide(here if trained else None, champion_score(run.model_name, prepared, dataset, here))
-        tracking.tag_version(run.model_name, run.model_version, {
-            MEAN_R_TAG: score_tag(here.mean_r), "promotion.decision": "champion" if promote else "rejected",
-            "promotion.reason": reason})
-        if promote:
-            tracking.set_alias(run.model_name, tracking.CHAMPION, run.model_version)
+        mlflow.log_artifact(str(EVALUATE_METRICS_FILE), "evaluate")
+    promote, reason = promotion.promote(run.model_name, run.model_version, here, eligible=trained,
+                                        rescore=lambda champion: rescore(champion, prepared, dataset, here))
     print(f"evaluate: test mean r {here.mean_r:.3f} | " + ", ".join(f"{a} {metrics[a]['pearson_r']:.2f}" for a in spec.attributes))
     print(f"evaluate: v{run.model_version} {'-> champion' if promote else 'not promoted'}: {reason}")
     return 0

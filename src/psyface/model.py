@@ -287,13 +287,25 @@ def load_trained(weights: Path, spec_file: Path) -> tuple[AttributeNet | Attribu
     return net.to(memory_format=torch.channels_last).eval(), spec
 
 
-def predict_ratings(net: AttributeNet | AttributeEnsemble, spec: ModelSpec, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """uint8 (N, H, W, 3) images -> (N, n_attributes) predictions on the rating scale."""
-    device = next(net.parameters()).device
-    outputs = []
+def predict_standardised(net: nn.Module, images: np.ndarray, batch_size: int = 64, device: torch.device | None = None,
+                         autocast: bool = False) -> np.ndarray:
+    """uint8 (N, H, W, 3) images -> the network's (N, outputs) outputs, in batches, in eval mode."""
+    device = device or next(net.parameters()).device
     net.eval()
-    with torch.inference_mode():
+    outputs = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for start in range(0, len(images), batch_size):
             outputs.append(net(to_input(images[start : start + batch_size], device)).float().cpu().numpy())
-    standardised = np.concatenate(outputs) if outputs else np.zeros((0, len(spec.attributes)), np.float32)
-    return spec.to_rating_scale(standardised)
+    return np.concatenate(outputs) if outputs else np.zeros((0, n_outputs_of(net)), np.float32)
+
+
+def n_outputs_of(net: nn.Module) -> int:
+    """Outputs of an AttributeNet (its last layer) or an AttributeEnsemble (one per member)."""
+    if isinstance(net, AttributeEnsemble):
+        return len(net.members)
+    return int(net.last_layer.out_features)  # type: ignore[union-attr]
+
+
+def predict_ratings(net: AttributeNet | AttributeEnsemble, spec: ModelSpec, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """uint8 (N, H, W, 3) images -> (N, n_attributes) predictions on the rating scale."""
+    return spec.to_rating_scale(predict_standardised(net, images, batch_size))

@@ -15,20 +15,19 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from psyface.config import load_section
+from psyface.artifacts import SPLIT_FILE, SPLITS
+from psyface.config import NonNegativeInt, OpenUnitFloat, load_section
 from psyface.dataset.layout import DATA_DIR, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.io import write_csv_atomic
 
 CLEAN_IDS = Path("artifacts/validate/clean.csv")
-SPLIT_FILE = Path("artifacts/split.csv")
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
 class SplitParams:
-    seed: int = 42
-    fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.64, "val": 0.16, "test": 0.2})
+    seed: NonNegativeInt = 42
+    fractions: dict[str, OpenUnitFloat] = field(default_factory=lambda: {"train": 0.64, "val": 0.16, "test": 0.2})
 
 
 def assign_splits(ids: pd.Series, groups: pd.Series, params: SplitParams) -> pd.DataFrame:

@@ -27,13 +27,21 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from psyface.artifacts import RUN_FILE
 from psyface.errors import PsyfaceError
 from psyface.io import write_json_atomic
-from psyface.model import SPEC_FILE, WEIGHTS_FILE, AttributeEnsemble, AttributeNet, ModelSpec, load_trained, save_trained
+from psyface.model import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    AttributeEnsemble,
+    AttributeNet,
+    ModelSpec,
+    load_trained,
+    save_trained,
+)
 
 # SQLite backend inside mlruns/ (the file store is deprecated); artifacts land under ./mlruns too.
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-RUN_FILE = Path("artifacts/train/run.json")
 MODEL_ARTIFACT = "model"
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -156,7 +164,7 @@ def data_hash(dvc_file: Path = Path("data.dvc")) -> str:
 
 def log_model(net: AttributeNet | AttributeEnsemble, spec: ModelSpec, registry_name: str, input_example: pd.DataFrame) -> ModelVersion:
     """Log the network as a pyfunc (preprocessing included) into the active run and register it."""
-    from psyface.predict import signature
+    from psyface.serving import signature
 
     with tempfile.TemporaryDirectory() as folder:
         paths = save_trained(net, spec, Path(folder))

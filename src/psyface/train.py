@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import signal
 import warnings
 from collections.abc import Callable
@@ -32,9 +31,19 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from psyface.config import PARAMS_FILE, load_section, read_yaml
+from psyface.artifacts import CHECKPOINT_DIR, HISTORY_FILE, PREPARED_DIR, load_prepared
+from psyface.config import (
+    PARAMS_FILE,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    load_section,
+    read_yaml,
+)
 from psyface.dataset.layout import DATA_DIR, load_dataset
 from psyface.distributed import (
     Context,
@@ -53,7 +62,7 @@ from psyface.distributed import (
 )
 from psyface.errors import PsyfaceError, entry_point
 from psyface.io import write_atomic
-from psyface.prepare import PREPARED_DIR, load_prepared
+from psyface.metrics import pearson_columns
 from psyface.model import (
     AttributeEnsemble,
     AttributeNet,
@@ -64,14 +73,10 @@ from psyface.model import (
     imagenet_weights_file,
     load_matching,
     normalise,
+    predict_standardised,
     read_state_dict,
-    to_input,
     to_unit,
 )
-
-TRAIN_DIR = Path("artifacts/train")
-CHECKPOINT_DIR = TRAIN_DIR / "checkpoints"
-HISTORY_FILE = TRAIN_DIR / "history.csv"
 
 
 @dataclass
@@ -79,28 +84,28 @@ class Augmentation:
     """Random per-image transforms applied to whole batches on the training device."""
 
     flip: bool = True
-    rotation_deg: float = 8.0
-    translate: float = 0.06  # fraction of the image side
-    brightness: float = 0.15
-    contrast: float = 0.15
-    saturation: float = 0.1
+    rotation_deg: NonNegativeFloat = 4.0
+    translate: NonNegativeFloat = 0.03  # fraction of the image side
+    brightness: NonNegativeFloat = 0.0
+    contrast: NonNegativeFloat = 0.0
+    saturation: NonNegativeFloat = 0.0
 
 
 @dataclass
 class TrainParams:
-    arch: str = "vgg16"
+    arch: str = "vgg16_bn"
     head: Head = "gap"
-    last_conv_stride: int = 16  # VGG only: 8 or 4 keep the last blocks' resolution (a finer Grad-CAM grid)
+    last_conv_stride: Literal[4, 8, 16] = 16  # VGG only: 8 or 4 keep the last blocks' resolution (a finer Grad-CAM grid)
     init: str = "scratch"  # scratch | imagenet | PATH.pth/.safetensors | models:/NAME@ALIAS
-    freeze: int = 0  # VGG convolution blocks (counted from the input) kept as initialised; 0: none
+    freeze: NonNegativeInt = 0  # VGG convolution blocks (counted from the input) kept as initialised; 0: none
     per_attribute: bool = False
-    epochs: int = 12
-    batch_size: int = 16
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    patience: int = 4
-    seed: int = 0
+    epochs: PositiveInt = 16
+    batch_size: PositiveInt = 32
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 1e-4
+    warmup_epochs: NonNegativeFloat = 0.5
+    patience: PositiveInt = 4
+    seed: NonNegativeInt = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware has it natively
     compile: bool = False  # torch.compile, CUDA only
     experiment: str = "psyface"
@@ -184,11 +189,9 @@ def augment(batch: torch.Tensor, settings: Augmentation, generator: torch.Genera
 
 
 def pearson_per_column(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """Pearson r of each column (0 where either side is constant)."""
-    p = predicted - predicted.mean(0)
-    a = actual - actual.mean(0)
-    denominator = np.sqrt((p**2).sum(0) * (a**2).sum(0))
-    return np.divide((p * a).sum(0), denominator, out=np.zeros(p.shape[1]), where=denominator > 0)
+    """Pearson r of each column, 0 where undefined (a constant prediction has learned nothing), so
+    the mean over attributes that early stopping maximises stays defined."""
+    return np.nan_to_num(pearson_columns(predicted, actual), nan=0.0)
 
 
 REGRESSION = Objective(loss=F.mse_loss, score=pearson_per_column)
@@ -210,16 +213,6 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def predict_standardised(net: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device,
-                         autocast: bool) -> np.ndarray:
-    net.eval()
-    outputs = []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        for start in range(0, len(images), batch_size):
-            outputs.append(net(to_input(images[start : start + batch_size], device)).float().cpu().numpy())
-    return np.concatenate(outputs)
 
 
 def train_epochs(
@@ -288,8 +281,7 @@ def train_epochs(
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         losses = [value / context.world_size for value in sum_over_ranks(losses, context)]  # global batch means
         local = val.images[val_rows]
-        predicted = gather_rows(predict_standardised(forward, local, params.batch_size * 2, device, autocast)
-                                if len(local) else np.empty((0, 0), np.float32), context)
+        predicted = gather_rows(predict_standardised(forward, local, params.batch_size * 2, device, autocast), context)
         state.epoch += 1
         if context.is_main:
             r = objective.score(predicted, val.targets)
@@ -320,19 +312,27 @@ def train_epochs(
 # ---------------------------------------------------------------- stage edges: files, checkpoints
 
 
-def split_data(images: np.ndarray, table: pd.DataFrame, attributes: list[str]) -> tuple[dict[str, Data], list[float], list[float]]:
-    """Per split: images and targets standardised with the train split's mean and std."""
-    ratings = table[attributes].to_numpy(np.float64)
-    train_rows = (table["split"] == "train").to_numpy()
-    mean, std = ratings[train_rows].mean(0), ratings[train_rows].std(0)
-    std[std == 0] = 1.0
+def standardised_splits(images: np.ndarray, values: np.ndarray, splits: np.ndarray, standardise: bool = True,
+                        what: str = "the prepared table") -> tuple[dict[str, Data], list[float], list[float]]:
+    """Per split, the rows whose (N, K) `values` are all known, as float32 targets standardised with
+    the train split's mean and SD (a constant column keeps SD 1; `standardise=False`: as they are,
+    e.g. class indices)."""
+    known = ~np.isnan(values).any(axis=1)
+    scaler = StandardScaler(with_mean=standardise, with_std=standardise).fit(values[known & (splits == "train")])
+    mean = scaler.mean_ if standardise else np.zeros(values.shape[1])
+    std = scaler.scale_ if standardise else np.ones(values.shape[1])
     data = {}
     for split in ("train", "val", "test"):
-        rows = (table["split"] == split).to_numpy()
+        rows = known & (splits == split)
         if not rows.any():
-            raise PsyfaceError(f"the prepared table has no {split!r} rows")
-        data[split] = Data(images[rows], ((ratings[rows] - mean) / std).astype(np.float32))
+            raise PsyfaceError(f"{what} has no {split!r} rows" + ("" if known.all() else " with a value"))
+        data[split] = Data(images[rows], ((values[rows] - mean) / std).astype(np.float32))
     return data, mean.tolist(), std.tolist()
+
+
+def split_data(images: np.ndarray, table: pd.DataFrame, attributes: list[str]) -> tuple[dict[str, Data], list[float], list[float]]:
+    """Per split: images and the attributes' ratings standardised with the train split's mean and SD."""
+    return standardised_splits(images, table[attributes].to_numpy(np.float64), table["split"].to_numpy())
 
 
 def fingerprint(params: TrainParams, folder: Path = PREPARED_DIR) -> str:
@@ -358,11 +358,27 @@ def load_checkpoint(path: Path, expected_fingerprint: str) -> TrainState | None:
     return state
 
 
+def check_init(params: TrainParams) -> None:
+    """Find a missing weights file or a malformed `train.init` before any MLflow run opens (a failure
+    inside the run would leave a FAILED run in the store for every attempt). A registry source is
+    checked by `resolve_version` once the store is set."""
+    if params.init == "scratch" or params.init.startswith("models:/"):
+        return
+    if params.init == "imagenet":
+        imagenet_weights_file(params.arch)
+    elif params.init.endswith((".pth", ".pt", ".safetensors")):
+        if not Path(params.init).is_file():
+            raise PsyfaceError(f"train.init weights file {params.init} not found")
+    else:
+        raise PsyfaceError(f"train.init {params.init!r}: expected scratch, imagenet, a .pth/.safetensors file or models:/NAME@ALIAS")
+
+
 def initialise(net: AttributeNet, params: TrainParams, attributes: list[str] | None = None) -> dict[str, str]:
     """Apply `params.init` to a freshly built network; returns tags describing what was loaded.
 
     From the registry the lineage tags name the exact version an alias pointed to; the source's last
     layer is loaded only when it predicted the same `attributes` (a base task's head never is)."""
+    check_init(params)
     if params.init == "scratch":
         return {"init": "scratch"}
     lineage: dict[str, str] = {}
@@ -380,10 +396,8 @@ def initialise(net: AttributeNet, params: TrainParams, attributes: list[str] | N
                    "init.run_id": str(version.run_id)}
     elif params.init == "imagenet":
         state = read_state_dict(imagenet_weights_file(params.arch))
-    elif params.init.endswith((".pth", ".pt", ".safetensors")):
-        state = read_state_dict(Path(params.init))
     else:
-        raise PsyfaceError(f"train.init {params.init!r}: expected scratch, imagenet, a .pth/.safetensors file or models:/NAME@ALIAS")
+        state = read_state_dict(Path(params.init))
     loaded, skipped = load_matching(net, state, params.arch)
     return {"init": params.init, "init.loaded_tensors": str(loaded), "init.skipped_tensors": str(skipped), **lineage}
 
@@ -435,6 +449,7 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
                      target_mean=mean, target_std=std, per_attribute=params.per_attribute,
                      last_conv_stride=params.last_conv_stride,
                      scales={a: list(dataset.attributes[a].scale) for a in attributes})
+    check_init(params)
     outputs, networks = (1, len(attributes)) if params.per_attribute else (len(attributes), 1)
     print_ = fingerprint(params)
     tasks = [(a, [i]) for i, a in enumerate(attributes)] if params.per_attribute else [("", list(range(len(attributes))))]
@@ -447,6 +462,8 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
         states = {task: load_checkpoint(path, print_) for task, path in checkpoints.items()}
         uri = tracking.use_tracking()
         run_safety.initialise_store(uri)
+        if params.init.startswith("models:/"):
+            tracking.resolve_version(params.init)  # a missing source fails here, before a run opens
         experiment = tracking.ensure_experiment(params.experiment)
         resume_id = next((s.run_id for s in states.values() if s and s.run_id), None)
         if resume_id and not _run_exists(resume_id):
@@ -586,8 +603,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     params = load_section("train", TrainParams)
     registry = load_section("registry", RegistryParams)
-    if params.distributed.nproc_per_node < 1:
-        raise PsyfaceError(f"train.distributed.nproc_per_node must be >= 1, got {params.distributed.nproc_per_node}")
     if params.distributed.nproc_per_node > 1 and not is_worker():
         return launch(params.distributed.nproc_per_node, "psyface.train", list(argv or []))
     with session(params.distributed) as context:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import pandas as pd
 from tqdm import tqdm
 
-from psyface.config import load_section
+from psyface.config import PositiveInt, load_section
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.images import ImageProblem, decode_image
@@ -43,7 +43,7 @@ class ValidateParams:
     """`params.yaml:validate`: what to do with bad rows, and the smallest usable image side."""
 
     on_bad_rows: Literal["fail", "quarantine"] = "fail"
-    min_image_side: int = 32
+    min_image_side: PositiveInt = 32
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from psyface.errors import PsyfaceError, entry_point
 from psyface.explain.methods import METHODS, MethodOptions, attribute
 from psyface.explain.scores import relevance

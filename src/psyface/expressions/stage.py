@@ -22,7 +22,9 @@ import torch
 from tqdm import tqdm
 
 import psyface
-from psyface.config import load_section
+from psyface import tracking
+from psyface.artifacts import NORMALISED_LANDMARKS_FILE, SPLITS, NormalisedLandmarks
+from psyface.config import NonNegativeFloat, NonNegativeInt, PositiveInt, load_section
 from psyface.dataset.layout import DATA_DIR, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.expressions.classifier import (
@@ -33,14 +35,26 @@ from psyface.expressions.classifier import (
     train_classifier,
 )
 from psyface.expressions.figures import plot_curves, plot_kept_landmarks
-from psyface.expressions.reduction import Fitted, ReductionStep, choose_step, count_steps, reduce_landmarks
+from psyface.expressions.reduction import (
+    ExpressionResult,
+    Fitted,
+    choose_step,
+    count_steps,
+    reduce_landmarks,
+)
 from psyface.expressions.relevance import Baseline, baselines_for, landmark_relevance
-from psyface.expressions.served import ExpressionClassifier, LandmarkExpressionModel, feature_columns
-from psyface.io import replace_dir_atomic, write_atomic, write_csv_atomic, write_json_atomic
-from psyface.landmarks import OUT_FILE as NORMALISED_FILE
-from psyface.landmarks import NormalisedLandmarks, coordinate_columns, flatten
-from psyface import tracking
-from psyface.split import SPLITS
+from psyface.expressions.served import (
+    ExpressionClassifier,
+    LandmarkExpressionModel,
+    feature_columns,
+)
+from psyface.io import (
+    replace_dir_atomic,
+    write_atomic,
+    write_csv_atomic,
+    write_json_atomic,
+)
+from psyface.shapes import coordinate_columns, flatten
 
 REPORT_DIR = Path("reports/landmarks")
 
@@ -50,15 +64,17 @@ class ExpressionsParams:
     """params.yaml `expressions:`. `regions` maps each expression to the dataset.yaml landmark
     regions that express it (the ground truth the kept landmarks are scored against)."""
 
-    seed: int = 0
+    seed: NonNegativeInt = 0
     training: TrainingParams = field(default_factory=TrainingParams)
     baseline: Baseline = "other_class"
-    ig_steps: int = 32
+    ig_steps: PositiveInt = 32
     ig_split: Literal["val", "test"] = "test"
-    drop_per_step: int = 1
-    min_landmarks: int = 4
-    tolerance: float = 0.01  # reduced set: fewest landmarks with val log loss <= full + tolerance (nats)
-    regions: dict[str, list[str]] = field(default_factory=dict)
+    drop_per_step: PositiveInt = 1
+    min_landmarks: PositiveInt = 4
+    tolerance: NonNegativeFloat = 0.01  # reduced set: fewest landmarks with val log loss <= full + tolerance (nats)
+    regions: dict[str, list[str]] = field(default_factory=lambda: {
+        "neutral": ["mouth", "brows", "eyes"], "happy": ["mouth"], "sad": ["mouth", "brows"],
+        "surprised": ["mouth", "brows", "eyes"], "angry": ["brows", "mouth"]})
     experiment: str = "psyface-landmarks"
     registered_model: str = "psyface-landmark-expressions"
 
@@ -75,25 +91,10 @@ class SplitData:
         features = flatten(data.points.astype(np.float64))
         missing = [s for s in SPLITS if not (data.split == s).any()]
         if missing:
-            raise PsyfaceError(f"{NORMALISED_FILE}: no faces in split(s) {missing}")
+            raise PsyfaceError(f"{NORMALISED_LANDMARKS_FILE}: no faces in split(s) {missing}")
         return cls(
             {s: features[data.split == s] for s in SPLITS}, {s: data.labels[data.split == s] for s in SPLITS}
         )
-
-
-@dataclass(frozen=True)
-class ExpressionResult:
-    expression: str
-    steps: list[ReductionStep]
-    chosen: int
-
-    @property
-    def full(self) -> ReductionStep:
-        return self.steps[0]
-
-    @property
-    def reduced(self) -> ReductionStep:
-        return self.steps[self.chosen]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if spec.landmarks is None:
         raise PsyfaceError(f"dataset {spec.name!r} declares no landmarks (dataset.yaml `landmarks:`)")
     landmark_regions = spec.landmarks.regions
-    data = NormalisedLandmarks.load(NORMALISED_FILE)
+    data = NormalisedLandmarks.load(NORMALISED_LANDMARKS_FILE)
     classes = data.label_names.tolist()
     check_regions(params, classes, landmark_regions)
     splits = SplitData.from_landmarks(data)

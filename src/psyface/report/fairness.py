@@ -43,6 +43,8 @@ from fairlearn.metrics import (
 )
 from tqdm import tqdm
 
+from psyface.metrics import pearson_columns
+
 GROUP_SEPARATOR = " & "
 GAP_KINDS = ("rating_gap", "prediction_gap", "amplification")
 CI_METRICS = ("mean_rating", "mean_prediction", "mae", "pearson_r")
@@ -82,10 +84,7 @@ class AuditResult:
 
 def pearson_r(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Pearson correlation; NaN when either side is constant (no correlation is defined)."""
-    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
-    if len(y_true) < 2 or y_true.std() == 0 or y_pred.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(y_true, y_pred)[0, 1])
+    return float(pearson_columns(y_pred, y_true)[0])
 
 
 def _mean_rating(y_true: np.ndarray, y_pred: np.ndarray) -> float:
