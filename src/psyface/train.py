@@ -4,7 +4,9 @@ The core (`augment`, `train_epochs`) takes tensors and returns a `TrainState`; t
 reads `artifacts/prepared/`, checkpoints every epoch (an interrupted run resumes bit-identically),
 logs to MLflow and registers the model with alias `candidate`. Multi-task by default: one network,
 every attribute, standardised targets (train mean/std travel in the ModelSpec). `per_attribute: true`
-trains one network per attribute (the peer's protocol) as nested runs.
+trains one network per attribute (the peer's protocol) as nested runs. With
+`distributed.nproc_per_node > 1` (or under torchrun) the same loop runs data-parallel with DDP
+(`psyface.distributed`), still one run: only rank 0 tracks and checkpoints.
 """
 
 from __future__ import annotations
@@ -50,6 +52,21 @@ from psyface.config import (
     read_yaml,
 )
 from psyface.dataset.layout import DATA_DIR, load_dataset
+from psyface.distributed import (
+    Context,
+    DistributedParams,
+    default_device,
+    from_main,
+    gather,
+    gather_rows,
+    is_worker,
+    launch,
+    loss_weight,
+    session,
+    share,
+    sum_over_ranks,
+    wrap,
+)
 from psyface.errors import PsyfaceError, entry_point
 from psyface.io import write_atomic, write_json_atomic
 from psyface.metrics import pearson_columns
@@ -111,6 +128,7 @@ class TrainParams:
     experiment: str = "psyface"
     augmentation: Augmentation = field(default_factory=Augmentation)
     probe: ProbeParams = field(default_factory=ProbeParams)
+    distributed: DistributedParams = field(default_factory=DistributedParams)
 
 
 @dataclass
@@ -157,16 +175,21 @@ class Objective:
 # ---------------------------------------------------------------- pure core: tensors in, state out
 
 
-def augment(batch: torch.Tensor, settings: Augmentation, generator: torch.Generator) -> torch.Tensor:
-    """Flip, rotate/translate and colour-jitter a [0, 1] (N, 3, H, W) batch, each image its own draw."""
+def augment(batch: torch.Tensor, settings: Augmentation, generator: torch.Generator,
+            rows: slice = slice(None), draws: int | None = None) -> torch.Tensor:
+    """Flip, rotate/translate and colour-jitter a [0, 1] (N, 3, H, W) batch, each image its own draw.
+
+    Under DDP `batch` is a rank's `rows` of a `draws`-image global batch: the draws are made for the
+    whole global batch (every rank consumes the generator alike) and this share's are used."""
     n = batch.shape[0]
+    total = draws or n
 
     def uniform(scale: float) -> torch.Tensor:
-        return (torch.rand(n, generator=generator) * 2 - 1) * scale
+        return ((torch.rand(total, generator=generator) * 2 - 1) * scale)[rows]
 
     angle = uniform(math.radians(settings.rotation_deg))
     shift = torch.stack([uniform(settings.translate * 2), uniform(settings.translate * 2)], dim=1)
-    flip = torch.rand(n, generator=generator) < 0.5 if settings.flip else torch.zeros(n, dtype=torch.bool)
+    flip = (torch.rand(total, generator=generator) < 0.5)[rows] if settings.flip else torch.zeros(n, dtype=torch.bool)
     sign = torch.where(flip, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) * sign, -torch.sin(angle)
@@ -223,62 +246,87 @@ def train_epochs(
     label: str = "",
     objective: Objective = REGRESSION,
     normalisation: Normalisation = IMAGENET,
+    context: Context = Context(),
 ) -> TrainState:
     """Train from `state` (fresh or restored) until the epoch budget or early stopping; calls
-    `on_epoch(state)` after each epoch with a state that resumes bit-identically."""
+    `on_epoch(state)` after each epoch with a state that resumes bit-identically.
+
+    Under DDP (`context.enabled`) every rank calls this with the same data and state: each trains on
+    its share of every global batch and predicts its share of the validation images; rank 0 scores
+    the gathered predictions and its early-stopping decision is broadcast. `objective.loss` must be
+    a mean over rows (the share weighting relies on it). Dropout draws from each rank's own stream."""
     autocast = uses_bf16(params.precision, device)
-    model = torch.compile(net) if params.compile and device.type == "cuda" else net
     steps = math.ceil(len(train.images) / params.batch_size)
     trainable = [parameter for parameter in net.parameters() if parameter.requires_grad]  # frozen ones stay put
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     total, warmup = params.epochs * steps, max(1, round(params.warmup_epochs * steps))
     scheduler = lr_scheduler(optimizer, total, warmup)
     generator = torch.Generator()
+    own_rng = "torch" if context.is_main else f"torch.{context.rank}"
     if state.model:
         net.load_state_dict(state.model)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
-        torch.set_rng_state(state.rng["torch"])
+        torch.set_rng_state(state.rng.get(own_rng, state.rng["torch"]))
         generator.set_state(state.rng["generator"])
     else:
-        torch.manual_seed(params.seed)
+        torch.manual_seed(params.seed + context.rank)
         generator.manual_seed(params.seed)
+    forward = torch.compile(net) if params.compile and device.type == "cuda" else net
+    model = wrap(forward, context)  # validation runs on `forward`: its shares differ in size, no collectives
     targets = torch.as_tensor(train.targets)
+    val_rows = share(len(val.images), context)
     while state.epoch < params.epochs and state.stale < params.patience:
         model.train()
         order = torch.randperm(len(train.images), generator=generator)
         losses = []
-        bar = tqdm(range(steps), desc=f"{label}epoch {state.epoch + 1}/{params.epochs}", unit="batch", leave=False)
+        bar = tqdm(range(steps), desc=f"{label}epoch {state.epoch + 1}/{params.epochs}", unit="batch", leave=False,
+                   disable=not context.is_main)
         for step in bar:
             index = order[step * params.batch_size : (step + 1) * params.batch_size]
-            batch = normalise(augment(to_unit(train.images[index.numpy()], device), params.augmentation, generator),
-                              *normalisation)
+            rows = share(len(index), context)
+            mine = index[rows]
+            batch = normalise(augment(to_unit(train.images[mine.numpy()], device), params.augmentation, generator,
+                                      rows, len(index)), *normalisation)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = objective.loss(model(batch).float(), targets[index].to(device))
+                output = model(batch).float()
+            if len(mine):
+                loss = objective.loss(output, targets[mine].to(device)) * loss_weight(len(mine), len(index), context)
+            else:  # an empty share of a short last batch still joins the gradient all-reduce
+                loss = output.sum() * 0.0
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-        predicted = predict_standardised(model, val.images, params.batch_size * 2, device, autocast, *normalisation)
-        r = objective.score(predicted, val.targets)
+        losses = [value / context.world_size for value in sum_over_ranks(losses, context)]  # global batch means
+        local = val.images[val_rows]
+        predicted = gather_rows(predict_standardised(forward, local, params.batch_size * 2, device, autocast, *normalisation),
+                                context)
         state.epoch += 1
-        val_loss = objective.loss(torch.as_tensor(predicted), torch.as_tensor(val.targets)).item()
-        record = {"epoch": state.epoch, "train_loss": float(np.mean(losses)),
-                  "val_loss": float(val_loss), "val_mean_r": float(r.mean()),
-                  "lr": scheduler.get_last_lr()[0], **{f"val_r_{i}": float(v) for i, v in enumerate(r)}}
+        if context.is_main:
+            r = objective.score(predicted, val.targets)
+            val_loss = objective.loss(torch.as_tensor(predicted), torch.as_tensor(val.targets)).item()
+            record = {"epoch": state.epoch, "train_loss": float(np.mean(losses)),
+                      "val_loss": float(val_loss), "val_mean_r": float(r.mean()),
+                      "lr": scheduler.get_last_lr()[0], **{f"val_r_{i}": float(v) for i, v in enumerate(r)}}
+            improved = record["val_mean_r"] > state.best_r
+        record, improved = from_main((record, improved) if context.is_main else None, context)
         state.history.append(record)
-        if record["val_mean_r"] > state.best_r:
+        if improved:
             state.best_r, state.best_epoch, state.stale = record["val_mean_r"], state.epoch, 0
             state.best_model = copy.deepcopy(net.state_dict())
         else:
             state.stale += 1
         state.model, state.optimizer, state.scheduler = net.state_dict(), optimizer.state_dict(), scheduler.state_dict()
-        state.rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+        rng_states = gather(torch.get_rng_state(), context)
+        state.rng = {"torch": rng_states[0], "generator": generator.get_state(),
+                     **{f"torch.{rank}": rng for rank, rng in enumerate(rng_states) if rank}}
         bar.close()
-        tqdm.write(f"{label}epoch {state.epoch}: loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}"
-                   f"  val r {record['val_mean_r']:.3f}")
+        if context.is_main:
+            tqdm.write(f"{label}epoch {state.epoch}: loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}"
+                       f"  val r {record['val_mean_r']:.3f}")
         on_epoch(state)
     return state
 
@@ -411,17 +459,25 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def run_training(params: TrainParams, registry: RegistryParams, all_params: dict[str, Any]) -> None:
-    """The stage: data -> (resumable) training -> MLflow run + registered candidate -> run.json."""
+def run_training(params: TrainParams, registry: RegistryParams, all_params: dict[str, Any],
+                 context: Context | None = None) -> None:
+    """The stage: data -> (resumable) training -> MLflow run + registered candidate -> run.json.
+
+    Under DDP every rank runs this; only rank 0 reads and writes checkpoints (the state it resumes
+    from is broadcast) and touches MLflow, so one training is one run whatever the world size."""
     import mlflow
 
     from psyface import run_safety, tracking
 
     TRAIN_FEATURES_DIR.mkdir(parents=True, exist_ok=True)  # a DVC output in both modes (empty when fine-tuning)
+    context = context or Context(device=default_device())
     if params.mode == "probe":
+        if context.enabled:
+            raise PsyfaceError("train.mode probe fits its heads in one process: set train.distributed.nproc_per_node: 1")
         run_probe(params, registry, all_params)
         return
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    leader = context.is_main
+    device = context.device
     torch.use_deterministic_algorithms(device.type == "cpu")  # bit-identical reruns and resumes on CPU
     prepared = load_prepared(PREPARED_DIR)
     images, table = prepared.images, prepared.table
@@ -434,55 +490,69 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
                      scales={a: list(dataset.attributes[a].scale) for a in attributes})
     check_init(params)
     outputs, networks = (1, len(attributes)) if params.per_attribute else (len(attributes), 1)
-    run_safety.check_store(tracking.tracking_uri(), tracking.store_dir(),
-                           run_safety.training_bytes(params.arch, params.head, outputs, networks,
-                                                    params.last_conv_stride))
     print_ = fingerprint(params)
     tasks = [(a, [i]) for i, a in enumerate(attributes)] if params.per_attribute else [("", list(range(len(attributes))))]
     checkpoints = {task: CHECKPOINT_DIR / (f"last-{task}.pt" if task else "last.pt") for task, _ in tasks}
-    states = {task: load_checkpoint(path, print_) for task, path in checkpoints.items()}
-    uri = tracking.use_tracking()
-    run_safety.initialise_store(uri)
-    if params.init.startswith("models:/"):
-        tracking.resolve_version(params.init)  # a missing source fails here, before a run opens
-    experiment = tracking.ensure_experiment(params.experiment)
-    resume_id = next((s.run_id for s in states.values() if s and s.run_id), None)
-    if resume_id and not _run_exists(resume_id):
-        resume_id, states = None, dict.fromkeys(states)
-    for stale in run_safety.close_stale_runs(experiment.experiment_id, keep=resume_id):
-        print(f"marked run {stale} KILLED: its training process is gone")
-    with mlflow.start_run(run_id=resume_id, log_system_metrics=True) as run:
-        mlflow.set_tags(run_safety.owner_tags())
-        if resume_id:
+    resume_id = None
+    if leader:
+        run_safety.check_store(tracking.tracking_uri(), tracking.store_dir(),
+                               run_safety.training_bytes(params.arch, params.head, outputs, networks,
+                                                        params.last_conv_stride))
+        states = {task: load_checkpoint(path, print_) for task, path in checkpoints.items()}
+        uri = tracking.use_tracking()
+        run_safety.initialise_store(uri)
+        if params.init.startswith("models:/"):
+            tracking.resolve_version(params.init)  # a missing source fails here, before a run opens
+        experiment = tracking.ensure_experiment(params.experiment)
+        resume_id = next((s.run_id for s in states.values() if s and s.run_id), None)
+        if resume_id and not _run_exists(resume_id):
+            resume_id, states = None, dict.fromkeys(states)
+        for stale in run_safety.close_stale_runs(experiment.experiment_id, keep=resume_id):
+            print(f"marked run {stale} KILLED: its training process is gone")
+    states = from_main(states if leader else None, context)
+    dvc = tracking.dvc_tags()
+    opened = (mlflow.start_run(run_id=resume_id, log_system_metrics=True,
+                               run_name=None if resume_id else dvc.get(tracking.DVC_EXP_NAME_TAG)) if leader else nullcontext())
+    with opened as run:
+        if leader:
+            mlflow.set_tags({**run_safety.owner_tags(), **context.tags()})
+        if leader and resume_id:
             print(f"resuming run {resume_id} from its checkpoint")
             mlflow.set_tag("resumed_from_epoch", str(min((s.epoch for s in states.values() if s), default=0)))
-        else:
+        elif leader:
             _log_run_inputs(params, all_params, table, dataset.name, device)
+        run_id = from_main(run.info.run_id if leader else "", context)
         networks = []
         for task, columns in tasks:
             torch.manual_seed(params.seed)
             net = build_model(params.arch, params.head, len(columns), params.last_conv_stride).to(
                 device, memory_format=torch.channels_last)
-            state = states[task] or TrainState(run_id=run.info.run_id, fingerprint=print_)
+            state = states[task] or TrainState(run_id=run_id, fingerprint=print_)
             names = [attributes[c] for c in columns]
             train = Data(data["train"].images, data["train"].targets[:, columns])
             val = Data(data["val"].images, data["val"].targets[:, columns])
-            child = mlflow.start_run(run_name=task, nested=True, run_id=_child_run(run.info.run_id, task)) if task else nullcontext()
+            child = (mlflow.start_run(run_name=task, nested=True, run_id=_child_run(run_id, task))
+                     if task and leader else nullcontext())
             with child:
-                if task:
+                if task and leader:
                     mlflow.set_tag("attribute", task)
-                if not state.model:
+                if not state.model and leader:  # DDP copies rank 0's initial weights to the other ranks
                     mlflow.set_tags(initialise(net, params, names))
-                # read back, so a resumed run keeps the normalisation its weights came with
-                spec.input_mean, spec.input_std = map(list, normalisation_of(_run_tags()))
-                mlflow.set_tag("freeze_blocks", str(params.freeze))
+                if leader:  # read back, so a resumed run keeps the normalisation its weights came with
+                    spec.input_mean, spec.input_std = map(list, normalisation_of(_run_tags()))
+                    mlflow.set_tag("freeze_blocks", str(params.freeze))
+                spec.input_mean, spec.input_std = from_main((spec.input_mean, spec.input_std) if leader else None, context)
                 freeze_blocks(net, params.freeze)
-                state = train_epochs(net, train, val, params, state, device,
-                                     on_epoch=lambda s, p=checkpoints[task], n=names: _after_epoch(s, p, n),
-                                     label=f"{task} " if task else "", normalisation=(spec.input_mean, spec.input_std))
-                mlflow.log_metrics({"best_val_mean_r": state.best_r, "best_epoch": state.best_epoch})
+                after = (lambda s, p=checkpoints[task], n=names: _after_epoch(s, p, n)) if leader else (lambda s: None)
+                state = train_epochs(net, train, val, params, state, device, on_epoch=after,
+                                     label=f"{task} " if task else "", normalisation=(spec.input_mean, spec.input_std),
+                                     context=context)
+                if leader:
+                    mlflow.log_metrics({"best_val_mean_r": state.best_r, "best_epoch": state.best_epoch})
             net.load_state_dict(state.best_model)
             networks.append((net, state, checkpoints[task]))
+        if not leader:
+            return
         final = networks[0][0] if not params.per_attribute else AttributeEnsemble([n for n, _, _ in networks])
         history = _write_history(networks, attributes, params.per_attribute)
         mlflow.log_figure(learning_curves_figure(history, attributes), "plots/learning_curves.png")
@@ -503,7 +573,7 @@ def _log_run_inputs(params: TrainParams, all_params: dict[str, Any], table: pd.D
     from psyface import tracking
 
     mlflow.log_params(tracking.flatten(all_params))
-    mlflow.set_tags({**tracking.git_tags(), "data_hash": tracking.data_hash(), "dataset": dataset,
+    mlflow.set_tags({**tracking.git_tags(), **tracking.dvc_tags(), "data_hash": tracking.data_hash(), "dataset": dataset,
                      "split_hash": split_hash(table), "device": device.type,
                      "autocast": "bf16" if uses_bf16(params.precision, device) else "fp32"})
     with warnings.catch_warnings():  # MLflow registers two equivalent local-file source types
@@ -749,9 +819,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     params = load_section("train", TrainParams)
     registry = load_section("registry", RegistryParams)
-    run_training(params, registry, read_yaml(PARAMS_FILE) if PARAMS_FILE.exists() else {})
+    if params.distributed.nproc_per_node > 1 and not is_worker():
+        return launch(params.distributed.nproc_per_node, "psyface.train", list(argv or []))
+    with session(params.distributed) as context:
+        try:
+            run_training(params, registry, read_yaml(PARAMS_FILE) if PARAMS_FILE.exists() else {}, context)
+        except PsyfaceError as error:
+            if context.is_main:
+                raise
+            raise PsyfaceError(f"rank {context.rank}: {error}") from None
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
