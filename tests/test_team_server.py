@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import SRC
 from psyface import server as server_module
+from psyface.errors import server_refusal
 from psyface.evaluate import MEAN_R_TAG
 from psyface.run_safety import STALE_TAG
 from psyface.tracking import LOCK_SUFFIX
@@ -218,9 +219,10 @@ def test_collaborator_pulls_the_champion_from_another_folder(team, tmp_path, syn
         with pytest.raises(MlflowException) as refused:
             attempt()
         assert refused.value.get_http_status_code() == 403
-    # ... and psyface says so in one line (training refused before any epoch; evaluate before any tag)
-    one_error_line(cli("train", cwd=a, env=reader), "403", repr(READER[0]))
-    one_error_line(cli("evaluate", cwd=a, env=reader), "403")
+        line = server_refusal(refused.value)  # what every psyface command prints for it
+        assert line and "\n" not in line and "403" in line and repr(READER[0]) in line
+    # ... and a psyface command says so in one line (training refused before its first epoch)
+    one_error_line(cli("train", cwd=a, env=reader), "403", repr(READER[0]), "/runs/create")
     assert client.get_model_version_by_alias("team-model", "champion").version == champion.version
 
 
