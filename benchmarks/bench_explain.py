@@ -18,7 +18,7 @@ from captum.attr import LayerAttribution, LayerGradCam
 
 from psyface.explain.methods import MethodOptions, attribute
 from psyface.model import build_model, to_input
-from psyface.prepare import PREPARED_DIR, load_prepared
+from psyface.artifacts import PREPARED_DIR, load_prepared
 
 N_ATTRIBUTES = 7  # the default synthetic data set's attributes
 

@@ -20,7 +20,7 @@ import torch
 
 from psyface.expressions.classifier import LandmarkClassifier, TrainingParams
 from psyface.expressions.served import ExpressionClassifier, LandmarkExpressionModel
-from psyface.landmarks import coordinate_columns
+from psyface.shapes import coordinate_columns
 
 N_POINTS = 38
 EXPRESSIONS = ["neutral", "happy", "sad", "surprised", "angry"]

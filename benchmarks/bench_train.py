@@ -1,162 +1,167 @@
-"""Training cost, side by side on the same images: the published peer's loop vs psyface's.
+"""Training cost, like for like: what each of psyface's choices buys, and how close the step gets to
+the machine's limit.
 
-Peer (Xiao 2024, Psychology/main.py): PIL decode + torchvision transforms every epoch in a DataLoader
-(num_workers=0), 224 px, fp32, batch 40, Adam(5e-4, wd 5e-4), CosineAnnealingLR(T_max=200), MSE,
-torchvision VGG16 with the last classifier layer -> Linear(4096, 1), one network per attribute.
-psyface: images decoded once to a uint8 array (`prepare`, counted here), batched tensor augmentation,
-one multi-task network for every attribute (params.yaml `train`, `prepare.image_size`).
+Every row compares two loops that differ in ONE factor, timed side by side in this process on the
+same images, for the same optimiser steps, at the params.yaml image size and network (`train`,
+`prepare.image_size`), fp32 unless the row is about precision:
 
-Both sides run in their own subprocess (so peak memory is each one's own) for the same epochs on the
-same train/val subset. Prints total time, data-path throughput per image and peak RSS, and the ratios
-(targets: total >= 20x, data path >= 2x).
+- data path: images decoded and resized by PIL every epoch (the published peer's DataLoader) vs the
+  prepared uint8 array (`prepare`);
+- networks: one multi-task network for every attribute vs one network per attribute (the peer's
+  protocol), per epoch over all attributes;
+- memory format: channels_last vs contiguous;
+- precision: bf16 autocast vs fp32 (only where the CPU has native bf16: AVX-512 BF16 or AMX);
+- the peer as published (224 px, VGG16 with its 4096-wide classifier, PIL decoding, fp32, one network
+  per attribute) vs psyface's default, as a separate row: every factor at once.
 
-    python benchmarks/bench_train.py [--images 24] [--val 8] [--epochs 1]
+Then the physical limit: the default train step's achieved FLOP/s (FLOPs counted by
+`torch.utils.flop_counter`) as a share of this machine's measured matmul peak (fp32, and bf16 where
+native). Goal: >= 50 % on the default network.
+
+    python benchmarks/bench_train.py [--images 64] [--steps 4]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
-import sys
+import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-PEER_SIZE, PEER_BATCH = 224, 40
+from psyface.config import load_section
+from psyface.dataset.layout import DATA_DIR, load_dataset
+from psyface.model import build_model, normalise, to_unit
+from psyface.prepare import PrepareParams
+from psyface.train import TrainParams, augment, uses_bf16
 
-
-def subset(images: int, val: int) -> tuple[list[Path], list[Path], np.ndarray, np.ndarray, list[str]]:
-    """The first `images` train and `val` val faces of the default data, with their ratings."""
-    from psyface.dataset.layout import DATA_DIR, load_dataset
-
-    spec = load_dataset(DATA_DIR)
-    table = spec.read_ratings()
-    attributes = spec.attribute_names
-    rows = table.iloc[: images + val]
-    paths = [spec.image_path(i) for i in rows[spec.id_column]]
-    ratings = rows[attributes].to_numpy(np.float32)
-    return paths[:images], paths[images:], ratings[:images], ratings[images:], attributes
+PEER_SIZE = 224
 
 
-def peer(args: argparse.Namespace) -> dict[str, float]:
-    """The peer's protocol: per attribute, a fresh VGG16 trained from a PIL/torchvision DataLoader."""
-    import torchvision
+def decoded_batch(paths: list[Path], size: int) -> np.ndarray:
+    """The peer's data path for one batch: open, decode and resize every file (PIL), every epoch."""
     from PIL import Image
-    from torch.utils.data import DataLoader, Dataset
-    from torchvision import transforms
 
-    train_paths, val_paths, train_y, val_y, attributes = subset(args.images, args.val)
-    normalise = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    augmenting = transforms.Compose([transforms.Resize((PEER_SIZE, PEER_SIZE)), transforms.RandomHorizontalFlip(),
-                                     transforms.RandomRotation(10), transforms.ToTensor(), normalise])
-    plain = transforms.Compose([transforms.Resize((PEER_SIZE, PEER_SIZE)), transforms.ToTensor(), normalise])
-
-    class Faces(Dataset):
-        def __init__(self, paths: list[Path], targets: np.ndarray, transform: transforms.Compose):
-            self.paths, self.targets, self.transform = paths, targets, transform
-
-        def __len__(self) -> int:
-            return len(self.paths)
-
-        def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-            image = Image.open(self.paths[index]).convert("RGB")
-            return self.transform(image), torch.tensor([self.targets[index]])
-
-    start = time.perf_counter()
-    for column in range(len(attributes)):
-        model = torchvision.models.vgg16(weights=None)
-        model.classifier[6] = torch.nn.Linear(4096, 1)
-        optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, weight_decay=5e-4)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=200)
-        train = DataLoader(Faces(train_paths, train_y[:, column], augmenting), batch_size=PEER_BATCH, shuffle=True,
-                           num_workers=0)
-        val = DataLoader(Faces(val_paths, val_y[:, column], plain), batch_size=PEER_BATCH, num_workers=0)
-        for _ in range(args.epochs):
-            model.train()
-            for images, targets in train:
-                loss = torch.nn.functional.mse_loss(model(images), targets)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
-            model.eval()
-            with torch.no_grad():
-                for images, _ in val:
-                    model(images)
-    total = time.perf_counter() - start
-    loader = DataLoader(Faces(train_paths * args.data_repeats, train_y[:, 0].repeat(args.data_repeats), augmenting),
-                        batch_size=PEER_BATCH, num_workers=0)
-    start = time.perf_counter()
-    seen = sum(len(images) for images, _ in loader)
-    return {"total_s": total, "data_img_per_s": seen / (time.perf_counter() - start)}
+    return np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)) for p in paths])
 
 
-def psyface_side(args: argparse.Namespace) -> dict[str, float]:
-    """psyface: decode once (prepare), then one multi-task network from the array (train params)."""
-    from psyface.config import load_section
-    from psyface.images import load_image
-    from psyface.model import build_model, normalise, to_unit
-    from psyface.prepare import PrepareParams
-    from psyface.train import Data, TrainParams, TrainState, augment, train_epochs
-
-    train_paths, val_paths, train_y, val_y, attributes = subset(args.images, args.val)
-    params = load_section("train", TrainParams)
-    size = load_section("prepare", PrepareParams).image_size
-    params.epochs, params.patience = args.epochs, args.epochs + 1
-    mean, std = train_y.mean(0), train_y.std(0) + 1e-6
-    start = time.perf_counter()
-    train_images = np.stack([load_image(p, size) for p in train_paths])
-    val_images = np.stack([load_image(p, size) for p in val_paths])
-    torch.manual_seed(params.seed)
-    net = build_model(params.arch, params.head, len(attributes)).to(memory_format=torch.channels_last)
-    train_epochs(net, Data(train_images, (train_y - mean) / std), Data(val_images, (val_y - mean) / std), params,
-                 TrainState(), torch.device("cpu"))
-    total = time.perf_counter() - start
-    repeated = np.concatenate([train_images] * args.data_repeats)
+def time_training(net: torch.nn.Module, batches: Callable[[int], np.ndarray], targets: torch.Tensor, steps: int,
+                  params: TrainParams, bf16: bool, channels_last: bool = True) -> float:
+    """Seconds per optimiser step (after one warm-up step) of augment + forward + backward + AdamW."""
+    net = net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     generator = torch.Generator().manual_seed(0)
+
+    def step(index: int) -> None:
+        batch = normalise(augment(to_unit(batches(index)), params.augmentation, generator))
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.mse_loss(net(batch).float(), targets[: len(batch), : net.last_layer.out_features])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step(0)
     start = time.perf_counter()
-    for first in range(0, len(repeated), params.batch_size):
-        normalise(augment(to_unit(repeated[first : first + params.batch_size]), params.augmentation, generator))
-    return {"total_s": total, "data_img_per_s": len(repeated) / (time.perf_counter() - start)}
+    for index in range(steps):
+        step(index)
+    return (time.perf_counter() - start) / steps
 
 
-def run_side(side: str, args: argparse.Namespace) -> dict[str, float]:
-    command = [sys.executable, __file__, "--side", side, "--images", str(args.images), "--val", str(args.val),
-               "--epochs", str(args.epochs), "--data-repeats", str(args.data_repeats)]
-    result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
-    if result.returncode != 0:
-        sys.exit(f"{side} side failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
+    """This machine's dense matmul rate (FLOP/s) at `dtype`: the ceiling a convolution net can approach."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def step_flops(net: torch.nn.Module, batch: int, size: int) -> int:
+    """FLOPs of one forward + backward pass (torch's own counter: convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as counter:
+        net(images).sum().backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=24, help="train images (default: %(default)s)")
-    parser.add_argument("--val", type=int, default=8, help="validation images (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--data-repeats", type=int, default=4, help="passes over the train images for the data-path figure")
-    parser.add_argument("--side", choices=["peer", "psyface"], help=argparse.SUPPRESS)
+    parser.add_argument("--images", type=int, default=64, help="default-data images the batches cycle over")
+    parser.add_argument("--steps", type=int, default=4, help="timed optimiser steps per loop (after 1 warm-up)")
     args = parser.parse_args()
-    if args.side:
-        figures = peer(args) if args.side == "peer" else psyface_side(args)
-        figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps(figures))
-        return
-    print(f"bench_train: {args.images} train + {args.val} val images of the default data, {args.epochs} epoch(s), "
-          f"{torch.get_num_threads()} threads")
-    results = {side: run_side(side, args) for side in ("peer", "psyface")}
-    for side, figures in results.items():
-        print(f"  {side:8s} total {figures['total_s']:8.1f} s | data path {figures['data_img_per_s']:8.1f} img/s | "
-              f"peak RSS {figures['peak_rss_mib']:7.0f} MiB")
-    total = results["peer"]["total_s"] / results["psyface"]["total_s"]
-    data = results["psyface"]["data_img_per_s"] / results["peer"]["data_img_per_s"]
-    print(f"  total time ratio (peer / psyface): {total:.1f}x (target >= 20x)")
-    print(f"  data-path throughput ratio (psyface / peer): {data:.1f}x (target >= 2x)")
+    params = load_section("train", TrainParams)
+    size = load_section("prepare", PrepareParams).image_size
+    spec = load_dataset(DATA_DIR)
+    table = spec.read_ratings().iloc[: args.images]
+    attributes = spec.attribute_names
+    paths = [spec.image_path(i) for i in table[spec.id_column]]
+    batch = params.batch_size
+    targets = torch.as_tensor(np.random.default_rng(0).standard_normal((batch, len(attributes))), dtype=torch.float32)
+    array = np.stack([decoded_batch([p], size)[0] for p in paths])  # what `prepare` writes, decoded once
+
+    def cycle(index: int) -> np.ndarray:
+        rows = [(index * batch + k) % len(paths) for k in range(batch)]
+        return array[rows]
+
+    def decoding(index: int, at: int = size) -> np.ndarray:
+        return decoded_batch([paths[(index * batch + k) % len(paths)] for k in range(batch)], at)
+
+    def network(outputs: int = len(attributes), arch: str = params.arch, head: str = params.head,
+                stride: int = params.last_conv_stride) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model(arch, head, outputs, stride)
+
+    native_bf16 = uses_bf16("auto", torch.device("cpu"))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    print(f"bench_train: {params.arch} head={params.head} last_conv_stride={params.last_conv_stride}, {size} px, "
+          f"batch {batch}, {args.steps} timed steps per loop, {torch.get_num_threads()} threads; {cpu}, "
+          f"native bf16: {'yes' if native_bf16 else 'no'}")
+    steps = args.steps
+    rows: list[tuple[str, str, float, str, float]] = []
+
+    def row(factor: str, slow_name: str, slow: float, fast_name: str, fast: float) -> None:
+        rows.append((factor, slow_name, slow, fast_name, fast))
+        print(f"  {factor:28s} {slow_name:30s} {slow * 1000:9.0f} ms | {fast_name:30s} {fast * 1000:9.0f} ms | {slow / fast:5.2f}x")
+
+    print("  (ms per optimiser step of one network unless the row says per epoch of all attributes)")
+    row("data path", "PIL decode every epoch", time_training(network(), decoding, targets, steps, params, False),
+        "prepared array", time_training(network(), cycle, targets, steps, params, False))
+    single = time_training(network(1), cycle, targets, steps, params, False)
+    multi = time_training(network(), cycle, targets, steps, params, False)
+    row("networks (all attributes)", f"{len(attributes)} nets, one per attribute", single * len(attributes),
+        "one multi-task net", multi)
+    row("memory format", "contiguous", time_training(network(), cycle, targets, steps, params, False, channels_last=False),
+        "channels_last", multi)
+    if native_bf16:
+        bf16 = time_training(network(), cycle, targets, steps, params, True)
+        row("precision", "fp32", multi, "bf16 autocast", bf16)
+    else:
+        print("  precision: this CPU has no native bf16 (AVX-512 BF16 / AMX): bf16 would be emulated, not timed")
+    peer_params = dataclasses.replace(params, augmentation=dataclasses.replace(params.augmentation, translate=0.0))
+    peer = time_training(network(1, "vgg16", "paper", 16), lambda i: decoding(i, PEER_SIZE), targets, max(1, steps // 2),
+                         peer_params, False) * len(attributes)
+    default = time_training(network(), cycle, targets, steps, params, native_bf16)
+    row("the peer as published", f"224 px, {len(attributes)} paper-head VGG16s, PIL", peer,
+        f"default ({'bf16' if native_bf16 else 'fp32'})", default)
+
+    flops = step_flops(network(), batch, size)
+    for name, dtype, seconds in (("fp32", torch.float32, multi), *((("bf16", torch.bfloat16, bf16),) if native_bf16 else ())):
+        peak = matmul_peak(dtype)
+        achieved = flops / seconds
+        print(f"  physical limit ({name}): train step {flops / 1e9:.1f} GFLOP (fwd+bwd, counted), "
+              f"{achieved / 1e9:.0f} GFLOP/s achieved vs {peak / 1e9:.0f} GFLOP/s matmul peak: "
+              f"{100 * achieved / peak:.0f} % (goal >= 50 %)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from psyface.evaluate import Score, attribute_metrics, decide, score_tag
+from psyface.evaluate import attribute_metrics
+from psyface.promotion import Score, decide, score_tag
 
 
 def test_promotion_rule():

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from bad_inputs import IMAGE_CASES
 from factories import draw_face
 from tests.conftest import run_cli
 from tests.test_explain_cli import registry  # noqa: F401  (the module fixture: a registered VGG11)
+
+
+pytestmark = pytest.mark.slow  # trains a network, runs the CLI in subprocesses
 
 
 def test_explain_maps_the_usable_files_and_names_each_bad_one(registry, tmp_path):  # noqa: F811

@@ -15,6 +15,8 @@ from psyface.images import load_image
 from psyface.model import ModelSpec, build_model, to_input
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # trains networks or runs stages in subprocesses
+
 ATTRIBUTES = ["happy", "trustworthy"]
 
 

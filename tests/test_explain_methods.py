@@ -102,6 +102,7 @@ def test_a_per_attribute_ensemble_is_explained_by_the_member_that_predicts_each_
     assert gradcam_grid(AttributeEnsemble(members), images) == gradcam_grid(members[0], images)
 
 
+@pytest.mark.slow
 def test_a_smaller_last_conv_stride_gives_gradcam_a_finer_grid_with_the_same_layers_and_weights(tmp_path):
     torch.manual_seed(0)
     inputs = torch.randn(2, 3, 64, 64)

@@ -13,7 +13,7 @@ from psyface.expressions.reduction import Fitted, choose_step, count_steps, redu
 from psyface.expressions.relevance import baselines_for, landmark_relevance, ranking
 from psyface.expressions.served import ExpressionClassifier, LandmarkExpressionModel, feature_columns
 from psyface.expressions.stage import region_share
-from psyface.landmarks import coordinate_columns
+from psyface.shapes import coordinate_columns
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():

@@ -14,7 +14,7 @@ from bad_inputs import IMAGE_CASES
 from conftest import run_cli
 from factories import draw_face
 from psyface.dataset.importers import main as import_main
-from psyface.dataset.importers import safe_id
+from psyface.dataset.importers import US10K_ATTRIBUTES, safe_id
 from psyface.dataset.layout import load_dataset
 from psyface.errors import PsyfaceError
 from psyface.validate import ValidateParams, validate_dataset
@@ -74,7 +74,9 @@ def test_generic_csv_writes_the_canonical_layout(source: Path, capsys: pytest.Ca
     assert table["id"].tolist() == ["a0", "a1", "a_2", "a3", "a4"]
     assert table["source_id"].tolist()[2] == "a 2"
     with Image.open(spec.image_path("a_2")) as image:
-        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (40, 40))
+        assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (40, 40))
+    assert spec.image_path("a_2").read_bytes() == (source / "src" / "a 2.jpg").read_bytes()  # the lab's bytes
+    assert "5 stored in data/images/ (5 kept as the original file, 0 re-encoded as PNG)" in printed
     assert "numeric -> attributes ['trust', 'happy'], non-numeric -> labels ['mood']" in printed
     assert printed.rstrip().endswith("next: dvc add data")
     assert validate_dataset(spec, ValidateParams()).all_clean
@@ -259,3 +261,137 @@ def test_cli_import_success_and_failure(source: Path) -> None:
     done = run_cli("import", "generic", "--images", "src", "--ratings", "bad.csv", *tail, cwd=source, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("psyface: error: bad.csv is empty") and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------- real sets: bytes, tables, ratings
+def rotated_jpeg(path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    draw_face(40).resize((48, 40)).save(path, "JPEG", exif=exif)
+
+
+def test_symlinked_folder_imports_and_originals_are_kept_others_converted(workdir: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    drive = face_folder(workdir / "drive" / "faces", ["k0.jpg", "k1.jpg"])
+    draw_face(40).save(drive / "p0.png")  # 8-bit RGB PNG: kept
+    draw_face(40).convert("CMYK").save(drive / "c0.jpg", "JPEG")
+    draw_face(40).convert("P").save(drive / "q0.png")
+    draw_face(40).convert("L").save(drive / "g0.jpg", "JPEG")
+    rotated_jpeg(drive / "r0.jpg")
+    (workdir / "faces").symlink_to(drive, target_is_directory=True)
+    names = ["k0.jpg", "k1.jpg", "p0.png", "c0.jpg", "q0.png", "g0.jpg", "r0.jpg"]
+    ratings_frame(names).to_csv(workdir / "ratings.csv", index=False)
+    run_import("generic", "--images", "faces", "--ratings", "ratings.csv", "--id-column", "image",
+               "--filename-template", "{id}", "--scale", "1", "7", "--out", "data")
+    printed = capsys.readouterr().out
+    spec = load_dataset(workdir / "data")
+    assert spec.image_template == "images/{id}.{ext}"
+    assert spec.image_path("k0").name == "k0.jpg" and spec.image_path("p0").name == "p0.png"
+    assert spec.image_path("k0").read_bytes() == (drive / "k0.jpg").read_bytes()
+    assert spec.image_path("p0").read_bytes() == (drive / "p0.png").read_bytes()
+    for converted in ("c0", "q0", "g0", "r0"):
+        with Image.open(spec.image_path(converted)) as image:
+            assert (spec.image_path(converted).suffix, image.format, image.mode) == (".png", "PNG", "RGB")
+    with Image.open(spec.image_path("r0")) as image:
+        assert image.size == (40, 48)  # the EXIF rotation applied
+    assert "7 stored in data/images/ (3 kept as the original file, 4 re-encoded as PNG), 0 not imported" in printed
+    for line in ("2 kept: jpg linked", "1 kept: png linked", "1 converted: CMYK", "1 converted: palette",
+                 "1 converted: grey", "1 converted: EXIF-rotated"):
+        assert f"    {line}\n" in printed
+    assert validate_dataset(spec, ValidateParams()).all_clean
+    run_import("generic", "--images", "faces", "--ratings", "ratings.csv", "--id-column", "image",
+               "--filename-template", "{id}", "--scale", "1", "7", "--out", "data", "--force", "--copy", "--workers", "1")
+    assert "2 kept: jpg copied" in capsys.readouterr().out
+    assert spec.image_path("k0").stat().st_ino != (drive / "k0.jpg").stat().st_ino
+
+
+def test_semicolon_decimal_comma_and_tab_tables(source: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    frame = ratings_frame(["a0", "a1", "a 2", "a3", "a4"])
+    frame.to_csv(source / "ratings.csv", sep=";", decimal=",", index=False)
+    generic("--scale", "1", "7")
+    printed = capsys.readouterr().out
+    assert "ratings.csv: delimiter semicolon (';') detected" in printed
+    assert "ratings.csv: decimal commas read in column(s) ['happy']" in printed
+    table = load_dataset(source / "data").read_ratings()
+    assert table["happy"].tolist() == frame["happy"].tolist()
+    frame.to_csv(source / "ratings.csv", sep="\t", index=False)
+    generic("--scale", "1", "7", "--force")
+    assert "delimiter tab ('\\t') detected" in capsys.readouterr().out
+    (source / "ratings.csv").write_bytes("\ufeff".encode() + frame.to_csv(index=False).encode())  # Excel's BOM
+    generic("--scale", "1", "7", "--force")
+    assert "delimiter comma (',') detected" in capsys.readouterr().out
+
+
+def test_ambiguous_table_names_both_readings(source: Path) -> None:
+    (source / "ratings.csv").write_text("image;x,trust;y\na0;1,2;3\n", encoding="utf-8")
+    with pytest.raises(PsyfaceError, match=r"ambiguous table, it reads two ways \(as comma-separated: columns "
+                                           r"\['image;x', 'trust;y'\]; as semicolon-separated: columns \['image', 'x,trust', 'y'\]\)"):
+        run_import("generic", "--images", "src", "--ratings", "ratings.csv", "--id-column", "id")
+
+
+def long_table(ids: list[str], raters: int = 6) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    true = {name: rng.normal(4, 1, len(ids)) for name in ("trust", "happy")}
+    rows = [{"image": image, "who": f"r{r}", "attribute": name, "rating": int(np.clip(round(true[name][i]
+                                                                                       + rng.normal()), 1, 7))}
+            for name in true for i, image in enumerate(ids) for r in range(raters)]
+    return pd.DataFrame(rows)
+
+
+def test_long_ratings_give_means_and_reliability(source: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = ["a0", "a1", "a 2", "a3", "a4"]
+    long = long_table(ids)
+    long.to_csv(source / "long.csv", index=False)
+    means = long.groupby(["image", "attribute"], sort=False)["rating"].mean().unstack()
+    frame = ratings_frame(ids).drop(columns=["trust", "happy"]).join(means.round(2), on="image")
+    frame.to_csv(source / "ratings.csv", index=False)
+    generic("--ratings-long", "long.csv", "--rater-column", "who", "--scale", "1", "7")
+    printed = capsys.readouterr().out
+    spec = load_dataset(source / "data")
+    assert set(spec.reliability) == {"trust", "happy"} and all(r <= 1 for r in spec.reliability.values())
+    record = spec.source["reliability"]["attributes"]["trust"]
+    assert record["faces"] == 5 and record["ratings_per_face_min"] == 6 and 190 <= record["splits"] <= 200
+    assert "ratings: 60 from long.csv; 6 raters" in printed and "reliability trust: " in printed
+    assert "5 faces with 6-6 ratings (mean 6.0)" in printed
+
+    frame.loc[1, "trust"] = 1.0 if frame.loc[1, "trust"] != 1.0 else 7.0
+    frame.to_csv(source / "ratings.csv", index=False)
+    with pytest.raises(PsyfaceError, match=r"disagrees with the means of long.csv in 1 cell\(s\): id 'a1' trust: table"):
+        generic("--ratings-long", "long.csv", "--force")
+
+    run_import("generic", "--images", "src", "--ratings-long", "long.csv", "--id-column", "image",
+               "--filename-template", "{id}.jpg", "--out", "only_long", "--scale", "1", "7")
+    only = load_dataset(source / "only_long")
+    table = only.read_ratings()
+    assert table["trust"].astype(float).round(6).tolist() == means.loc[ids, "trust"].round(6).tolist()
+    assert set(only.reliability) == {"trust", "happy"}
+
+
+def test_published_reliability_file(source: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (source / "rel.csv").write_text("attribute;reliability\ntrust;0,62\n", encoding="utf-8")
+    generic("--reliability", "rel.csv", "--scale", "1", "7")
+    printed = capsys.readouterr().out
+    assert load_dataset(source / "data").reliability == {"trust": 0.62}
+    assert "reliability: trust=0.620 from rel.csv" in printed and "reliability: unknown for ['happy']" in printed
+    (source / "rel.csv").write_text("attribute,reliability\nfriendly,0.5\n", encoding="utf-8")
+    with pytest.raises(PsyfaceError, match=r"reliability given for \['friendly'\], which are not attributes"):
+        generic("--reliability", "rel.csv", "--force")
+
+
+def test_us10k_per_rater_sheet(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    names = make_us10k(workdir / "us10k")
+    path = workdir / "us10k" / US10K_ATTRIBUTES
+    workbook = openpyxl.load_workbook(path)
+    del workbook["Per Rater"]
+    final = {row[0]: row[1:] for row in workbook["Final Values"].iter_rows(min_row=2, values_only=True)}
+    rows = [["Filename", "Rater", "happy", "trustworthy", "attractive"]]
+    for name in names:  # two raters per face whose ratings average to the Final Values
+        for sign in (-1, 1):
+            rows.append([name, f"r{sign}", *[v + sign * 0.5 for v in final[name]]])
+    write_sheet(workbook, "Per Rater", rows)
+    workbook.save(path)
+    run_import("us10k", "us10k", "--rater-sheet", "Per Rater", "--rater-column", "Rater", "--out", "data")
+    printed = capsys.readouterr().out
+    spec = load_dataset(workdir / "data")
+    assert set(spec.reliability) == {"happy", "trustworthy", "attractive"}
+    assert "ratings: 24 from " in printed and "2 raters" in printed

@@ -12,6 +12,7 @@ import torch
 
 from conftest import make_synthetic
 from psyface import landmarks
+from psyface.artifacts import NORMALISED_LANDMARKS_FILE
 from psyface.dataset.layout import load_dataset
 from psyface.expressions import stage as expressions_stage
 from psyface.split import SplitParams, assign_splits
@@ -96,7 +97,7 @@ def test_too_many_unusable_landmark_rows_stop_the_stage_with_one_line(
     assert len(error.strip().splitlines()) == 1
     problems = pd.read_csv(project / "reports" / "landmarks" / "problems.csv")
     assert problems["problem"].str.startswith("missing coordinate(s) x3").sum() == len(table) // 10 + 1
-    assert not (project / landmarks.OUT_FILE).exists()
+    assert not (project / NORMALISED_LANDMARKS_FILE).exists()
 
 
 def test_an_expression_without_ground_truth_regions_is_a_params_error(
@@ -109,3 +110,23 @@ def test_an_expression_without_ground_truth_regions_is_a_params_error(
         expressions_stage.main([])
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().endswith("expressions.regions lacks expression(s) ['angry']")
+
+
+def test_a_dataset_without_landmarks_skips_both_stages_with_placeholder_outputs(tiny_dataset, workdir: Path,
+                                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """dvc needs every declared output: each one exists and says the stage could not run and why."""
+    assert landmarks.main([]) == 0
+    assert expressions_stage.main(["--no-tracking"]) == 0
+    printed = capsys.readouterr().out
+    assert "landmarks: skipped, dataset 'tiny' declares no landmarks" in printed
+    assert "expressions: skipped, dataset 'tiny' declares no landmarks" in printed
+    with np.load(workdir / NORMALISED_LANDMARKS_FILE) as placeholder:
+        assert str(placeholder["status"]) == "not available" and "declares no landmarks" in str(placeholder["reason"])
+    assert pd.read_csv(workdir / landmarks.PROBLEMS_FILE)["problem"].iloc[0].startswith("not available: dataset")
+    reports = workdir / "reports" / "landmarks"
+    assert json.loads((reports / "metrics.json").read_text())["expressions"]["status"] == "not available"
+    assert json.loads((reports / "summary.json").read_text())["status"] == "not available"
+    assert pd.read_csv(reports / "ranking.csv")["status"].tolist() == ["not available"]
+    assert list(pd.read_csv(reports / "curves" / "not_available.csv").columns) == ["n_landmarks", "test_accuracy"]
+    for figure in ("accuracy_vs_landmarks.png", "kept_landmarks.png"):
+        assert (reports / figure).read_bytes().startswith(b"\x89PNG")

@@ -8,14 +8,8 @@ import pytest
 
 from psyface.dataset.layout import Attribute, DatasetSpec, Landmarks
 from psyface.errors import PsyfaceError
-from psyface.landmarks import (
-    LandmarksParams,
-    build,
-    coordinate_columns,
-    normalise_shapes,
-    procrustes_mean,
-    read_coordinates,
-)
+from psyface.landmarks import LandmarksParams, build, read_coordinates
+from psyface.shapes import coordinate_columns, normalise_shapes, procrustes_mean
 
 
 def similarity(points: np.ndarray, degrees: float, scale: float, shift: tuple[float, float]) -> np.ndarray:
@@ -101,7 +95,7 @@ def test_unusable_rows_are_reported_with_their_reason(tmp_path, shapes: np.ndarr
     table = table[table["id"] != "f5"]  # no landmarks for f5
     split = pd.DataFrame({"id": [i for i in ids if i != "f6"], "split": "train"})  # f6 unsplit
 
-    result, problems = build(spec, table, split, LandmarksParams())
+    result, problems = build(spec, table, split, LandmarksParams(align_regions=[]))  # the table declares no regions
 
     reasons = dict(zip(problems["id"], problems["problem"], strict=True))
     assert reasons["f1"].startswith("missing coordinate(s) y1")

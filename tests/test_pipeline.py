@@ -26,7 +26,7 @@ from tests.workspace import make_workspace, tracking_env
 
 MODEL = "tiny-model"
 # One worker runs this module's tests so the trained project is built once (`pytest -n 2 --dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("pipeline")
+pytestmark = [pytest.mark.xdist_group("pipeline"), pytest.mark.slow]  # trains networks in subprocesses
 
 
 def stage(module: str, root, env) -> subprocess.CompletedProcess[str]:
@@ -77,7 +77,9 @@ def test_metrics_file_has_stable_nested_keys(project):
     attributes = ["happy", "trustworthy", "dominant", "attractive", "age", "warm", "control"]
     assert list(metrics) == [*attributes, "mean"]
     for values in metrics.values():
-        assert list(values) == ["pearson_r", "spearman_rho", "r2", "mae", "ceiling", "r_over_ceiling"]
+        assert list(values) == ["pearson_r", "spearman_rho", "r2", "mae", "ceiling", "r_over_ceiling",
+                                "pearson_r_ci_low", "pearson_r_ci_high"]
+        assert values["pearson_r_ci_low"] <= values["pearson_r"] <= values["pearson_r_ci_high"]
     assert metrics["happy"]["r_over_ceiling"] == pytest.approx(metrics["happy"]["pearson_r"] / metrics["happy"]["ceiling"])
     assert set(pd.read_csv(root / "reports/evaluate/per_attribute.csv")["attribute"]) == set(attributes)
 

@@ -7,7 +7,8 @@ import pytest
 from psyface.dataset.layout import load_dataset
 from psyface.errors import PsyfaceError
 from psyface.images import load_image
-from psyface.prepare import PREPARED_DIR, load_prepared, prepare, save
+from psyface.artifacts import PREPARED_DIR, load_prepared, save_prepared
+from psyface.prepare import prepare
 from psyface.split import SplitParams, assign_splits
 from tests.conftest import run_cli
 
@@ -42,7 +43,7 @@ def test_masks_keep_their_bits(prepared):
 def test_save_and_load_round_trip_leaves_no_temporary_files(prepared, tmp_path):
     _, result = prepared
     folder = tmp_path / "prepared"
-    save(result, folder, "tiny")
+    save_prepared(result, folder, "tiny")
     loaded = load_prepared(folder)
     assert np.array_equal(loaded.images, result.images) and np.array_equal(loaded.masks, result.masks)
     pd.testing.assert_frame_equal(loaded.table, result.table, check_dtype=False)

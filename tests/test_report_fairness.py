@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from psyface.errors import PsyfaceError
 from psyface.report import fairness
 
 CATEGORIES = {"group": ["A", "B"], "gender": ["feminine", "masculine"], "age_band": ["young", "middle", "older"]}
@@ -23,9 +24,10 @@ def faces(n_people: int = 200, images: int = 2, seed: int = 0) -> tuple[pd.DataF
 
 
 def run_audit(ratings: pd.DataFrame, predictions: pd.DataFrame, sensitive: pd.DataFrame, identity: pd.Series,
-              rule: fairness.FlagRule = fairness.FlagRule()) -> fairness.AuditResult:
+              rule: fairness.FlagRule = fairness.FlagRule(), references: dict[str, str] | None = None
+              ) -> fairness.AuditResult:
     data = fairness.AuditData(ratings, predictions, sensitive, CATEGORIES, ratings.median().to_dict(), identity)
-    return fairness.audit(data, FEATURES, rule, n_boot=200, seed=1, progress=False)
+    return fairness.audit(data, FEATURES, rule, n_boot=200, seed=1, progress=False, references=references)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def biased() -> tuple[fairness.AuditResult, pd.DataFrame, pd.DataFrame, pd.DataF
                             "control": 4 + np.repeat(rng.normal(size=len(face) // 2), 2)})
     predictions = pd.DataFrame({"trustworthy": 4 + face - 0.6 * is_b,
                                 "control": 4 + 0.02 * rng.normal(size=len(face))})
-    return run_audit(ratings, predictions, sensitive, identity), ratings, predictions, sensitive
+    return run_audit(ratings, predictions, sensitive, identity, references={"group": "A"}), ratings, predictions, sensitive
 
 
 def test_injected_rater_bias_is_flagged_and_control_is_not(biased) -> None:
@@ -82,7 +84,7 @@ def test_a_model_that_widens_the_gap_is_flagged_for_amplification() -> None:
     is_b = (sensitive["group"] == "B").to_numpy()
     ratings = pd.DataFrame({"trustworthy": 4 + face - 0.3 * is_b})
     predictions = pd.DataFrame({"trustworthy": 4 + face - 1.2 * is_b})
-    gaps = run_audit(ratings, predictions, sensitive, identity).gaps.set_index(["feature", "group"])
+    gaps = run_audit(ratings, predictions, sensitive, identity, references={"group": "A"}).gaps.set_index(["feature", "group"])
     row = gaps.loc[("group", "B")]
     assert row["amplification"] == pytest.approx(-0.9, abs=1e-9)
     assert row["amplification_flag"]
@@ -122,7 +124,46 @@ def test_flag_rule() -> None:
     assert fairness.FlagRule(familywise=False).flag_ci(5) == 0.95
 
 
-def test_reference_is_the_first_declared_category_present() -> None:
-    assert fairness.reference_group(CATEGORIES, ["group", "gender"], ["B & feminine", "A & masculine"]) == "A & masculine"
-    with pytest.raises(ValueError, match="no declared category"):
-        fairness.reference_group(CATEGORIES, ["group"], ["C"])
+def test_reference_is_configurable_and_defaults_to_the_largest_group() -> None:
+    labels = pd.Series(["B & feminine"] * 3 + ["A & masculine"] * 5 + ["A & feminine"] * 5)
+    assert fairness.reference_group(CATEGORIES, ["group", "gender"], labels) == "A & feminine"  # tie: declared order
+    assert fairness.reference_group(CATEGORIES, ["group", "gender"], labels, "B & feminine") == "B & feminine"
+    with pytest.raises(PsyfaceError, match=r"reference.group & gender: 'B & masculine' is not a group"):
+        fairness.reference_group(CATEGORIES, ["group", "gender"], labels, "B & masculine")
+    with pytest.raises(PsyfaceError, match="no declared category"):
+        fairness.reference_group(CATEGORIES, ["group"], pd.Series(["C"]))
+
+
+def test_small_groups_are_reported_never_flagged() -> None:
+    """A 7-category feature where three categories have a handful of faces, one of them with a huge gap."""
+    rng = np.random.default_rng(7)
+    sizes = {"w": 300, "b": 120, "a": 80, "h": 60, "x": 6, "y": 4, "z": 3}
+    race = np.concatenate([[name] * n for name, n in sizes.items()])
+    sensitive = pd.DataFrame({"race": race})
+    face = rng.normal(size=len(race))
+    shift = np.select([race == "b", race == "x"], [-0.8, -3.0], 0.0)
+    ratings = pd.DataFrame({"trustworthy": 4 + face + shift})
+    data = fairness.AuditData(ratings, ratings.copy(), sensitive, {"race": sorted(sizes)}, ratings.median().to_dict())
+    result = fairness.audit(data, [["race"]], fairness.FlagRule(min_group_size=20), n_boot=200, seed=1, progress=False)
+    gaps = result.gaps.set_index("group")
+    assert set(gaps["reference"]) == {"w"}  # the largest, not the alphabetically first ("a")
+    assert gaps.loc["b", "rating_gap_flag"] and not gaps.loc["b", "small_group"]
+    assert gaps.loc["x", "small_group"] and gaps.loc["x", "n_group"] == 6 and gaps.loc["x", "rating_gap"] < -2
+    assert not gaps.loc[["x", "y", "z"], [f"{k}_flag" for k in fairness.GAP_KINDS]].to_numpy().any()
+    [summary] = result.summary.to_dict("records")
+    assert summary["small_groups"] == {"x": 6, "y": 4, "z": 3}
+    groups = result.groups.set_index("group")
+    assert groups.loc["z", "count"] == 3 and groups.loc["z", "small_group"] and not groups.loc["w", "small_group"]
+    assert fairness.flaggable(sensitive["race"], "w", 20) == 3  # Bonferroni counts b, a, h only
+
+
+def test_no_sensitive_feature_gives_an_empty_audit_the_report_can_show() -> None:
+    from psyface.report.stage import fairness_tables, report_metrics
+
+    ratings = pd.DataFrame({"trust": [1.0, 2.0, 3.0]})
+    data = fairness.AuditData(ratings, ratings, pd.DataFrame(index=ratings.index), {}, {"trust": 2.0})
+    result = fairness.audit(data, [], fairness.FlagRule(), n_boot=10, seed=0, progress=False)
+    assert result.groups.empty and result.gaps.empty and fairness.flagged_pairs(result) == []
+    [table] = fairness_tables(result)
+    assert table.frame["result"].tolist() == ["not available: dataset.yaml declares no sensitive features"]
+    assert report_metrics({}, result)["report"]["fairness"] == {"flags": 0}

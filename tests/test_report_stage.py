@@ -10,6 +10,7 @@ Screenshots go to test-artifacts/ (ignored by git).
 from __future__ import annotations
 
 import html
+import dataclasses
 import json
 import os
 import shutil
@@ -126,15 +127,9 @@ def project(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
 
 @pytest.fixture(scope="session")
 def chromium() -> Path:
-    """Debian's chromium, installed through apt when missing (as root); never a downloaded browser."""
+    """Debian's chromium (`make test` installs it; never a downloaded browser)."""
     if not CHROMIUM.is_file():
-        if os.geteuid() != 0 or not shutil.which("apt-get"):
-            pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (needs root)")
-        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        with FileLock("/tmp/psyface-chromium-install.lock"):
-            if not CHROMIUM.is_file():
-                for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
-                    subprocess.run(command, env=environment, check=True, capture_output=True, timeout=900)
+        pytest.fail(f"{CHROMIUM} is missing: `make system` (as root) or `apt-get install -y chromium` installs it")
     return CHROMIUM
 
 
@@ -237,3 +232,16 @@ def test_mlflow_ui_shows_the_run_metrics_and_the_champion(project: Path, chromiu
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_report_says_what_it_could_not_compute(tiny_dataset) -> None:
+    from psyface.explain.stage import NO_LOCALISATION
+    from psyface.report.stage import not_computed
+
+    items = not_computed(tiny_dataset, ["happy", "trustworthy"], {"explain": {"localisation": NO_LOCALISATION}})
+    assert items[0].startswith("reliability ceiling and r / ceiling for happy, trustworthy")
+    assert items[1].startswith("explanation localisation, not available: no region masks")
+    assert items[2].startswith("the landmark expression branch") and len(items) == 3
+    known = dataclasses.replace(tiny_dataset, reliability={"happy": 0.8, "trustworthy": 0.7}, sensitive_features={})
+    assert not_computed(known, ["happy", "trustworthy"], {"explain": {}}) == [
+        items[2], "the bias audit (dataset.yaml declares no sensitive features)"]

@@ -28,7 +28,7 @@ from psyface.tracking import use_tracking
 from workspace import make_workspace
 
 # One xdist worker runs this module so the two-worker store is trained once (`--dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("robustness")
+pytestmark = [pytest.mark.xdist_group("robustness"), pytest.mark.slow]  # trains networks in subprocesses
 
 MODEL = "tiny-model"
 EPOCHS = 4
@@ -212,17 +212,3 @@ def test_an_image_symlinked_out_of_the_dataset_is_refused(tiny_dataset, tmp_path
     [finding] = validate_dataset(tiny_dataset, ValidateParams(min_image_side=32)).findings
     assert (finding.id, finding.rule) == ("f002", "image:unsafe_id")
     assert "resolves outside the dataset folder" in finding.message
-
-
-def test_queued_dvc_experiments_log_to_the_project_store_not_the_temporary_copy(tmp_path, monkeypatch):
-    """`dvc queue` runs stages in `.dvc/tmp/exps/<id>/`, a copy DVC deletes: runs must reach the project."""
-    from psyface import tracking
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    copy = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpa1b2" / "workspace"
-    copy.mkdir(parents=True)
-    monkeypatch.chdir(copy)
-    assert tracking.project_root() == (tmp_path / "project").resolve()
-    assert tracking.tracking_uri() == f"sqlite:///{(tmp_path / 'project' / 'mlruns' / 'mlflow.db').resolve()}"
-    monkeypatch.chdir(tmp_path)
-    assert tracking.tracking_uri() == tracking.DEFAULT_TRACKING_URI

@@ -30,6 +30,7 @@ def test_same_parameters_give_byte_identical_files(tmp_path):
     assert tree_digest(first) != tree_digest(other_seed)
 
 
+@pytest.mark.slow
 def test_default_dataset_matches_committed_data_dvc(tmp_path):
     """A fresh machine regenerates exactly the data that data.dvc records (so `dvc status` is clean)."""
     committed = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]

@@ -22,7 +22,7 @@ from psyface.train import (
     TrainState,
     augment,
     load_checkpoint,
-    lr_factor,
+    lr_scheduler,
     pearson_per_column,
     save_checkpoint,
     train_epochs,
@@ -59,11 +59,17 @@ def test_augment_keeps_shape_range_and_is_reproducible():
     assert torch.allclose(augment(batch.clone(), still, torch.Generator()), batch, atol=1e-5)
 
 
-def test_lr_schedule_spans_the_epoch_budget():
-    factors = [lr_factor(step, 100, 10) for step in range(100)]
-    assert factors[9] == 1.0 and factors[0] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
-    assert factors[-1] < 0.01
+def test_lr_schedule_warms_up_then_decays_to_zero_over_the_epoch_budget():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = lr_scheduler(optimizer, total=100, warmup=10)
+    factors = []
+    for _ in range(100):
+        factors.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert factors[:10] == pytest.approx([(step + 1) / 10 for step in range(10)])  # linear warm-up to the full rate
+    assert factors[10:] == pytest.approx([0.5 * (1 + np.cos(np.pi * k / 90)) for k in range(90)], abs=1e-6)
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)  # zero exactly at the budget's end
 
 
 def test_pearson_per_column():
@@ -72,6 +78,7 @@ def test_pearson_per_column():
     assert pearson_per_column(np.ones((5, 1)), np.arange(5.0)[:, None])[0] == 0
 
 
+@pytest.mark.slow
 def test_vgg16_training_is_bit_identical_on_cpu():
     params = TrainParams(arch="vgg16", epochs=1, batch_size=16, seed=5)
     first, state_a = fit(params)
@@ -80,6 +87,7 @@ def test_vgg16_training_is_bit_identical_on_cpu():
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True))
 
 
+@pytest.mark.slow
 def test_resumed_training_equals_uninterrupted(tmp_path):
     params = TrainParams(arch="test_efficientnet", epochs=3, batch_size=16, lr=0.003, seed=2)
     _, full = fit(params)
@@ -125,6 +133,7 @@ def test_init_from_files_and_missing_imagenet(tmp_path, monkeypatch):
         train_module.initialise(build_model("test_efficientnet", "gap", 2), TrainParams(init="weights.bin"))
 
 
+@pytest.mark.slow
 def test_torchvision_vgg_weights_map_onto_the_paper_head():
     import torchvision
 
@@ -136,6 +145,7 @@ def test_torchvision_vgg_weights_map_onto_the_paper_head():
     assert torch.equal(net.features[0].weight, vgg.features[0].weight)
 
 
+@pytest.mark.slow
 def test_stage_interrupted_then_resumed_matches_uninterrupted(tmp_path, monkeypatch, synthetic_data):
     """An interrupted `train` ends its run FAILED, and the next run continues it to the same result."""
     results = {}
@@ -170,6 +180,7 @@ def test_stage_interrupted_then_resumed_matches_uninterrupted(tmp_path, monkeypa
     assert MlflowClient().get_run(interrupted[1]["run_id"]).data.tags["resumed_from_epoch"] == "2"
 
 
+@pytest.mark.slow
 def test_per_attribute_trains_nested_runs_and_one_model(tmp_path, monkeypatch, synthetic_data):
     root = make_workspace(tmp_path, synthetic_data, epochs=1, per_attribute=True)
     monkeypatch.chdir(root)
@@ -197,3 +208,17 @@ def test_auto_precision_uses_bf16_only_where_the_hardware_has_it(monkeypatch, av
     assert train_module.uses_bf16("auto", torch.device("cuda")) is True
     assert train_module.uses_bf16("fp32", torch.device("cuda")) is False
     assert train_module.uses_bf16("bf16", cpu) is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["/no/such/weights.pth", "imagenet", "models:/no-such-model@champion"])
+def test_a_missing_init_source_stops_before_any_run_opens(tmp_path, monkeypatch, synthetic_data, capsys, init):
+    """A mistake found before training leaves no FAILED run behind (one per attempt, before)."""
+    root = make_workspace(tmp_path / "project", synthetic_data, init=init)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_env(root)["MLFLOW_TRACKING_URI"])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    with pytest.raises(SystemExit) as exited:
+        train_module.main([])
+    assert exited.value.code == 2 and capsys.readouterr().err.splitlines()[-1].startswith("psyface: error: ")
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

@@ -197,6 +197,7 @@ def test_quarantine_with_no_clean_row_fails(tiny_dataset: DatasetSpec) -> None:
         run_stage("quarantine")
 
 
+@pytest.mark.slow
 def test_cli_exits_2_with_summary_and_no_traceback(tiny_dataset: DatasetSpec, workdir: Path) -> None:
     edit_cell(tiny_dataset, 1, "happy", "11")
     done = run_cli("validate", cwd=workdir, timeout=120)

@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 
 from psyface.dataset.layout import load_dataset
-from psyface.prepare import PREPARED_DIR, prepare, save
+from psyface.artifacts import PREPARED_DIR, save_prepared
+from psyface.prepare import prepare
 from psyface.split import SplitParams, assign_splits
 
 TINY_TRAIN = {"arch": "test_efficientnet", "epochs": 2, "batch_size": 16, "lr": 0.002, "patience": 5,
@@ -23,7 +24,7 @@ def make_workspace(root: Path, data: Path, registry: str = "tiny-model", **train
     spec = load_dataset(root / "data")
     table = spec.read_ratings()
     assignment = assign_splits(table["id"], table["identity"], SplitParams())
-    save(prepare(spec, assignment, size=32), root / PREPARED_DIR, spec.name)
+    save_prepared(prepare(spec, assignment, size=32), root / PREPARED_DIR, spec.name)
     params = {"train": {**TINY_TRAIN, **train}, "registry": {"name": registry}}
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     return root

@@ -11,6 +11,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("psyface.dataset.synth", "generate the deterministic synthetic face dataset"),
+    "synth-real": ("psyface.dataset.real_layout", "the synthetic faces as a lab hands them over (JPEG, long ratings)"),
     "split": ("psyface.split", "stage: assign ids to train/val/test"),
     "prepare": ("psyface.prepare", "stage: decode and resize every image once into an array"),
     "validate": ("psyface.validate", "stage: check data/ against dataset.yaml (reports, quarantine)"),
@@ -22,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("psyface.predict", "rate face images with a registered model (models:/NAME@ALIAS)"),
     "explain": ("psyface.explain.cli", "attribution maps (overlays + raw .npy) of a registered model for any images"),
     "report": ("psyface.report.stage", "stage: manifold view, bias audit and the self-contained HTML report"),
-    "transfer": ("psyface.transfer", "base models from dataset columns; the transfer learning-curve sweep"),
+    "transfer": ("psyface.transfer.stage", "base models from dataset columns; the transfer learning-curve sweep"),
     "server": ("psyface.server", "the team's MLflow server on PostgreSQL with users: init/start/stop/status/user/import"),
 }
 

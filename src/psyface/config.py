@@ -1,8 +1,11 @@
 """Typed access to `params.yaml`: each stage reads only its own section into its own dataclass.
 
 Stages declare their parameters as (nested) dataclasses next to their code; this module turns a
-section of `params.yaml` into one, rejecting unknown keys and wrong types with a message that names
-the key, so a typo in `params.yaml` fails loudly instead of silently using a default.
+section of `params.yaml` into one, rejecting unknown keys, wrong types and out-of-range numbers
+(fields typed with the bounds below, e.g. `epochs: PositiveInt`) with a message that names the key,
+so a typo in `params.yaml` fails loudly instead of silently using a default or crashing mid-run.
+The dataclass defaults equal `params.yaml`'s values (tests/test_params.py proves it), so deleting a
+key from `params.yaml` never changes a recipe.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 
@@ -20,6 +24,32 @@ from psyface.errors import PsyfaceError
 PARAMS_FILE = Path("params.yaml")
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A number's allowed range in params.yaml (`low`/`high` included unless `open_low`/`open_high`)."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def check(self, value: float, where: str) -> None:
+        too_low = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.open_high else value > self.high)
+        if too_low or too_high:
+            low = "" if self.low is None else f"{'>' if self.open_low else '>='} {self.low:g}"
+            high = "" if self.high is None else f"{'<' if self.open_high else '<='} {self.high:g}"
+            raise PsyfaceError(f"{where}: {value!r} is out of range (must be {' and '.join(filter(None, (low, high)))})")
+
+
+PositiveInt = Annotated[int, Bound(1)]
+NonNegativeInt = Annotated[int, Bound(0)]
+PositiveFloat = Annotated[float, Bound(0, open_low=True)]
+NonNegativeFloat = Annotated[float, Bound(0)]
+UnitFloat = Annotated[float, Bound(0, 1)]  # a share or threshold in [0, 1]
+OpenUnitFloat = Annotated[float, Bound(0, 1, open_low=True, open_high=True)]  # a fraction or level in (0, 1)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -47,7 +77,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     """Recursively build a dataclass from a mapping; unknown keys and bad types raise PsyfaceError."""
     if not isinstance(data, dict):
         raise PsyfaceError(f"{where} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -59,6 +89,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is Annotated:
+        value = _coerce(args[0], value, where)
+        for bound in (meta for meta in hint.__metadata__ if isinstance(meta, Bound)):
+            bound.check(value, where)
+        return value
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)  # type: ignore[arg-type]
     if origin in (typing.Union, types.UnionType):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from psyface.errors import PsyfaceError
@@ -91,5 +93,23 @@ def write_csv_atomic(frame: pd.DataFrame, path: Path) -> Path:
     return write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
+def json_text(data: Any) -> str:
+    """JSON that every reader (DVC, browsers) accepts: NaN and infinities become null, numpy scalars
+    become numbers; the one place undefined scores turn into null."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(key): clean(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(item) for item in value]
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return json.dumps(clean(data), indent=2, allow_nan=False) + "\n"
+
+
 def write_json_atomic(data: Any, path: Path) -> Path:
-    return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+    return write_atomic(path, lambda tmp: tmp.write_text(json_text(data), encoding="utf-8"))

@@ -9,6 +9,10 @@ expression classifiers' served model, so a served face is normalised exactly as 
 Rows that cannot be used (no landmarks, missing or non-numeric coordinates, a degenerate shape, a
 duplicate id, no split or label) are written to `reports/landmarks/problems.csv` and counted; the
 stage fails when they exceed `max_problem_fraction`.
+
+A dataset without landmarks (most real rated-face sets) skips the stage with one line: its
+declared outputs are still written (dvc requires them), saying "not available" and why, so
+`dvc repro` runs to the end and `expressions` skips in turn.
 """
 
 from __future__ import annotations
@@ -21,96 +25,38 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from psyface.config import load_section
+from psyface.artifacts import (
+    NORMALISED_LANDMARKS_FILE,
+    NOT_AVAILABLE,
+    NormalisedLandmarks,
+    missing_landmarks,
+    placeholder_npz,
+    read_split,
+)
+from psyface.config import PositiveInt, UnitFloat, load_section
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.io import read_csv_checked, write_atomic, write_csv_atomic
-from psyface.split import SPLIT_FILE
+from psyface.shapes import (
+    coordinate_columns,
+    degenerate,
+    normalise_shapes,
+    procrustes_mean,
+)
 
-OUT_FILE = Path("artifacts/landmarks/normalised.npz")
 PROBLEMS_FILE = Path("reports/landmarks/problems.csv")
-
-
 @dataclass(frozen=True)
 class LandmarksParams:
     """params.yaml `landmarks:`; `label` names the dataset.yaml `labels` entry to carry along."""
 
     label: str = "expression"
-    align_regions: list[str] = field(default_factory=list)  # pose estimated on these; empty: all points
-    procrustes_iterations: int = 10
-    max_problem_fraction: float = 0.05
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure core: shapes are (n_faces, n_points, 2) arrays; complex numbers make rotations one product.
-
-
-def _as_complex(points: np.ndarray) -> np.ndarray:
-    return points[..., 0] + 1j * points[..., 1]
-
-
-def _as_points(shapes: np.ndarray) -> np.ndarray:
-    return np.stack([shapes.real, shapes.imag], axis=-1)
-
-
-def _centre_and_scale(shapes: np.ndarray, anchors: np.ndarray | slice) -> np.ndarray:
-    """Complex shapes (n, P) -> moved and scaled so the `anchors` have centroid 0 and unit RMS size."""
-    centred = shapes - shapes[..., anchors].mean(axis=-1, keepdims=True)
-    size = np.sqrt((np.abs(centred[..., anchors]) ** 2).mean(axis=-1, keepdims=True))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return centred / size
-
-
-def normalise_shapes(points: np.ndarray, reference: np.ndarray, anchors: np.ndarray | None = None) -> np.ndarray:
-    """Remove position, scale and roll: (n, P, 2) -> (n, P, 2) aligned onto `reference` (P, 2).
-
-    The similarity transform is estimated on the `anchors` (landmark indices; default all) and
-    applied to every point, so landmarks that move with expression can be left out of the pose
-    estimate and then keep their own displacement instead of spreading it over the whole face. The
-    rotation minimising the squared anchor distance to the reference is exp(i*arg(sum conj(z)*r)),
-    the closed-form ordinary Procrustes solution; degenerate shapes come back as NaN.
-    """
-    index = slice(None) if anchors is None else np.asarray(anchors)
-    shapes = _centre_and_scale(_as_complex(np.asarray(points, dtype=np.float64)), index)
-    target = _centre_and_scale(_as_complex(np.asarray(reference, dtype=np.float64)), index)
-    overlap = np.sum(np.conj(shapes[..., index]) * target[..., index], axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rotation = overlap / np.abs(overlap)
-    return _as_points(shapes * rotation)
-
-
-def procrustes_mean(
-    points: np.ndarray, anchors: np.ndarray | None = None, iterations: int = 10, tolerance: float = 1e-10
-) -> np.ndarray:
-    """Generalised Procrustes mean shape (P, 2) of (n, P, 2) shapes, aligned on `anchors`.
-
-    Starts from the mean of the centred, scaled (unrotated) shapes, so the reference keeps the
-    images' upright orientation, and re-aligns every new mean onto it to stop the mean drifting.
-    """
-    index = slice(None) if anchors is None else np.asarray(anchors)
-    start = _centre_and_scale(_as_complex(np.asarray(points, dtype=np.float64)), index).mean(axis=0)
-    reference = _as_points(start)
-    for _ in range(iterations):
-        mean = normalise_shapes(points, reference, anchors).mean(axis=0)
-        mean = normalise_shapes(mean[None], reference, anchors)[0]
-        done = np.sum((mean - reference) ** 2) < tolerance
-        reference = mean
-        if done:
-            break
-    return reference
-
-
-def flatten(points: np.ndarray) -> np.ndarray:
-    """(n, P, 2) -> (n, 2P) features ordered x0, y0, x1, y1, ...; landmark j owns columns 2j, 2j+1."""
-    return points.reshape(len(points), -1)
+    align_regions: list[str] = field(default_factory=lambda: ["eyes", "nose"])  # pose estimated on these; empty: all points
+    procrustes_iterations: PositiveInt = 10
+    max_problem_fraction: UnitFloat = 0.05
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading and checking the coordinate table.
-
-
-def coordinate_columns(n_points: int) -> list[str]:
-    return [f"{axis}{index}" for index in range(n_points) for axis in ("x", "y")]
 
 
 def count_points(columns: Iterable[str]) -> int:
@@ -155,33 +101,6 @@ def read_coordinates(
 def _names(columns: list[str], flags: np.ndarray, shown: int = 4) -> str:
     names = [c for c, flag in zip(columns, flags, strict=True) if flag]
     return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
-
-
-@dataclass(frozen=True)
-class NormalisedLandmarks:
-    """What the stage writes: one row per usable face, plus the reference shape used."""
-
-    ids: np.ndarray  # (n,) str
-    split: np.ndarray  # (n,) str: train/val/test
-    labels: np.ndarray  # (n,) str: the `label` category of each face
-    label_names: np.ndarray  # (k,) str, dataset.yaml order
-    points: np.ndarray  # (n, P, 2) float32, normalised
-    reference: np.ndarray  # (P, 2) float64
-    anchors: np.ndarray  # (A,) int: landmarks the pose was estimated on
-
-    def save(self, path: Path) -> None:
-        def write(tmp: Path) -> None:
-            with tmp.open("wb") as handle:  # a handle: savez would append .npz to a bare path
-                np.savez_compressed(handle, **self.__dict__)
-
-        write_atomic(path, write)
-
-    @classmethod
-    def load(cls, path: Path = OUT_FILE) -> NormalisedLandmarks:
-        if not path.is_file():
-            raise PsyfaceError(f"{path} not found: run the landmarks stage first (`dvc repro landmarks`)")
-        with np.load(path, allow_pickle=False) as data:
-            return cls(**{name: data[name] for name in data.files})
 
 
 def anchor_points(spec: DatasetSpec, regions: list[str], n_points: int) -> np.ndarray:
@@ -239,9 +158,9 @@ def build(
     if not train.any():
         raise PsyfaceError("no usable training face with landmarks: check artifacts/split.csv")
     anchors = anchor_points(spec, params.align_regions, n_points)
-    degenerate = ~np.isfinite(_centre_and_scale(_as_complex(raw), anchors)).all(axis=1)
-    problems += [(image_id, "degenerate shape (its alignment landmarks coincide)") for image_id in ids[degenerate]]
-    ids, raw, splits = ids[~degenerate], raw[~degenerate], splits[~degenerate]
+    unusable = degenerate(raw, anchors)
+    problems += [(image_id, "degenerate shape (its alignment landmarks coincide)") for image_id in ids[unusable]]
+    ids, raw, splits = ids[~unusable], raw[~unusable], splits[~unusable]
     reference = procrustes_mean(raw[splits == "train"], anchors, params.procrustes_iterations)
     labels = ratings.set_index(rated)[params.label].loc[ids].to_numpy(dtype=str)
     result = NormalisedLandmarks(
@@ -260,15 +179,6 @@ def build(
 # Stage edge.
 
 
-def read_split(path: Path = SPLIT_FILE) -> pd.DataFrame:
-    if not path.is_file():
-        raise PsyfaceError(f"{path} not found: run the split stage first (`dvc repro split`)")
-    split = read_csv_checked(path, dtype={"id": str})
-    if not {"id", "split"} <= set(split.columns):
-        raise PsyfaceError(f"{path}: needs columns id, split; found {list(split.columns)}")
-    return split
-
-
 def read_landmarks_table(spec: DatasetSpec) -> pd.DataFrame:
     assert spec.landmarks is not None
     path = spec.root / spec.landmarks.file
@@ -283,8 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     params = load_section("landmarks", LandmarksParams)
     spec = load_dataset(DATA_DIR)
-    if spec.landmarks is None:
-        raise PsyfaceError(f"dataset {spec.name!r} declares no landmarks (dataset.yaml `landmarks:`)")
+    reason = missing_landmarks(spec)
+    if reason:
+        write_csv_atomic(pd.DataFrame({"id": [""], "problem": [f"{NOT_AVAILABLE}: {reason}"]}), PROBLEMS_FILE)
+        write_atomic(NORMALISED_LANDMARKS_FILE, lambda tmp: tmp.write_bytes(placeholder_npz(reason)))
+        print(f"landmarks: skipped, {reason}; {NORMALISED_LANDMARKS_FILE} and {PROBLEMS_FILE} say '{NOT_AVAILABLE}'")
+        return 0
     result, problems = build(spec, read_landmarks_table(spec), read_split(), params)
     total = len(result.ids) + problems["id"].nunique()
     write_csv_atomic(problems, PROBLEMS_FILE)
@@ -294,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{problems['id'].nunique()} of {total} faces have landmark problems, more than "
             f"max_problem_fraction={params.max_problem_fraction}; see {PROBLEMS_FILE}"
         )
-    result.save(OUT_FILE)
-    print(f"landmarks: {len(result.ids)} faces x {result.points.shape[1]} points normalised -> {OUT_FILE}")
+    result.save(NORMALISED_LANDMARKS_FILE)
+    print(f"landmarks: {len(result.ids)} faces x {result.points.shape[1]} points normalised -> {NORMALISED_LANDMARKS_FILE}")
     return 0
 
 

@@ -3,6 +3,6 @@ stored in the model (executing a stored model's code is still trusted-only)."""
 
 from mlflow.models import set_model
 
-from psyface.predict import AttributePyfunc
+from psyface.serving import AttributePyfunc
 
 set_model(AttributePyfunc())

@@ -2,7 +2,8 @@
 
 - `check_store` fails in seconds, not after an hour of training, when the local store is not a
   writable folder or the disk cannot hold the checkpoints and the logged model.
-- `initialise_store` creates a fresh SQLite store under a file lock: two workers starting at once
+- `initialise_store` creates a fresh SQLite store under a file lock (`store_lock`, also held by
+  evaluate's promotion, a read-decide-write that concurrent queued experiments would race on): two workers starting at once
   would otherwise both run MLflow's table creation and one dies with "table already exists" or
   "database is locked" (MLflow itself sets a 20 s busy timeout for every later session).
 - `owner_tags` / `close_stale_runs`: each run records the process that owns it; a RUNNING run whose
@@ -21,6 +22,8 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from psyface.errors import PsyfaceError
@@ -69,19 +72,30 @@ def check_store(uri: str, artifact_folder: Path, needed_bytes: int) -> None:
     check_writable(artifact_folder, "the MLflow artifact folder", needed_bytes)
 
 
-def initialise_store(uri: str) -> None:
-    """Create the SQLite store's tables once, serialised across processes by a lock file."""
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold the local SQLite store's lock file (other processes on this machine wait); no-op for a
+    tracking server, whose clients share no file system."""
     database = sqlite_path(uri)
     if database is None:
+        yield
         return
-    from mlflow.tracking import MlflowClient
-
     with open(database.with_name(database.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def initialise_store(uri: str) -> None:
+    """Create the SQLite store's tables once, serialised across processes by the store lock."""
+    if sqlite_path(uri) is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(uri):
+        MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
 
 
 def owner_tags() -> dict[str, str]:

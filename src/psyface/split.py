@@ -2,7 +2,8 @@
 
 Identities never cross splits (when the dataset declares an identity column): images of the same
 person in train and test would inflate every test number. Without one, each image is its own group,
-which reproduces the published peer's `train_test_split(random_state=42)` protocol.
+which reproduces the published peer's `train_test_split(random_state=42)` protocol. With
+`folds: k` every row also gets a cross-validation `fold` (0..k-1), whole identities per fold.
 """
 
 from __future__ import annotations
@@ -15,20 +16,21 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from psyface.config import load_section
+from psyface.artifacts import SPLIT_FILE, SPLITS
+from psyface.config import NonNegativeInt, OpenUnitFloat, load_section
 from psyface.dataset.layout import DATA_DIR, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.io import write_csv_atomic
+from psyface.resampling import grouped_folds
 
 CLEAN_IDS = Path("artifacts/validate/clean.csv")
-SPLIT_FILE = Path("artifacts/split.csv")
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
 class SplitParams:
-    seed: int = 42
-    fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.64, "val": 0.16, "test": 0.2})
+    seed: NonNegativeInt = 42
+    fractions: dict[str, OpenUnitFloat] = field(default_factory=lambda: {"train": 0.64, "val": 0.16, "test": 0.2})
+    folds: NonNegativeInt = 0  # k >= 2: identity-grouped k-fold cross-validation beside the split; 0 or 1: off
 
 
 def assign_splits(ids: pd.Series, groups: pd.Series, params: SplitParams) -> pd.DataFrame:
@@ -61,13 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = table[table[spec.id_column].isin(set(clean))]
     groups = rows[spec.identity_column] if spec.identity_column else rows[spec.id_column]
     assignment = assign_splits(rows[spec.id_column], groups.astype(str), params)
+    if params.folds > 1:
+        assignment["fold"] = grouped_folds(groups.astype(str).to_numpy(), params.folds, params.seed)
     write_csv_atomic(assignment, SPLIT_FILE)
     counts = assignment["split"].value_counts().reindex(SPLITS, fill_value=0)
     held_back = len(table) - len(rows)
     print(f"split: {len(rows)} clean rows of {len(table)} in the table"
           + (f" ({held_back} quarantined: see reports/validation/quarantine.csv)" if held_back else "")
           + f" -> train {counts['train']}, val {counts['val']}, test {counts['test']}"
-          + (f"; grouped by {spec.identity_column!r}" if spec.identity_column else ""))
+          + (f"; grouped by {spec.identity_column!r}" if spec.identity_column else "")
+          + (f"; {params.folds} cross-validation folds" if params.folds > 1 else ""))
     return 0
 
 

@@ -32,18 +32,28 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from psyface.artifacts import RUN_FILE
 from psyface.errors import PsyfaceError, server_refusal
 from psyface.io import write_json_atomic
-from psyface.model import SPEC_FILE, WEIGHTS_FILE, AttributeEnsemble, AttributeNet, ModelSpec, load_trained, save_trained
+from psyface.model import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    AttributeEnsemble,
+    AttributeNet,
+    ModelSpec,
+    load_trained,
+    save_trained,
+)
 
 # SQLite backend inside mlruns/ (the file store is deprecated); artifacts land under ./mlruns too.
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-RUN_FILE = Path("artifacts/train/run.json")
 MODEL_ARTIFACT = "model"
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 LOCK_SUFFIX = ".psyface-lock"  # registered model `<name>.psyface-lock` exists while a promotion runs
 LOCK_OWNER_TAG = "psyface.lock_owner"
+DVC_ROOT = "DVC_ROOT"  # set by DVC for every stage it runs
+DVC_EXP_NAME_TAG = "dvc.exp_name"
 # What the pyfunc needs at serving time (psyface itself must be importable: `--env-manager local`).
 PYFUNC_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "safetensors", "mlflow")
 
@@ -60,15 +70,18 @@ class TrainedRun:
     model_uri: str
 
 
-def project_root(cwd: Path | None = None) -> Path:
-    """The project folder. DVC runs queued experiments in a copy under `.dvc/tmp/exps/` that it deletes
-    afterwards; there the project is the folder holding that `.dvc`, so their runs are not lost."""
-    here = (cwd or Path.cwd()).resolve()
-    parts = here.parts
-    for i in range(len(parts) - 2):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return here
+def project_root() -> Path:
+    """The project folder: `DVC_ROOT` when DVC runs the stage (for a queued experiment DVC points it
+    at the project, not at the temporary copy under `.dvc/tmp/exps/` it runs in and deletes, so the
+    runs are not lost), else the current folder."""
+    return Path(os.environ.get(DVC_ROOT) or Path.cwd()).resolve()
+
+
+def dvc_tags() -> dict[str, str]:
+    """The DVC experiment a run belongs to, from the environment DVC gives queued and `dvc exp run`
+    stages: the same name in `dvc exp show` and in MLflow (also as the run name). Empty outside DVC."""
+    names = {DVC_EXP_NAME_TAG: "DVC_EXP_NAME", "dvc.baseline_rev": "DVC_EXP_BASELINE_REV", "dvc.root": DVC_ROOT}
+    return {tag: os.environ[variable] for tag, variable in names.items() if os.environ.get(variable)}
 
 
 def store_dir() -> Path:
@@ -158,7 +171,7 @@ def data_hash(dvc_file: Path = Path("data.dvc")) -> str:
 
 def log_model(net: AttributeNet | AttributeEnsemble, spec: ModelSpec, registry_name: str, input_example: pd.DataFrame) -> ModelVersion:
     """Log the network as a pyfunc (preprocessing included) into the active run and register it."""
-    from psyface.predict import signature
+    from psyface.serving import signature
 
     with tempfile.TemporaryDirectory() as folder:
         paths = save_trained(net, spec, Path(folder))

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import pandas as pd
 from tqdm import tqdm
 
-from psyface.config import load_section
+from psyface.config import PositiveInt, load_section
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.images import ImageProblem, decode_image
@@ -43,7 +43,7 @@ class ValidateParams:
     """`params.yaml:validate`: what to do with bad rows, and the smallest usable image side."""
 
     on_bad_rows: Literal["fail", "quarantine"] = "fail"
-    min_image_side: int = 32
+    min_image_side: PositiveInt = 32
 
 
 @dataclass(frozen=True)
@@ -104,22 +104,26 @@ def is_plain_file_name(image_id: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ images
+def image_file(spec: DatasetSpec, image_id: str) -> Path:
+    """A row's image as the user names it (under the dataset folder as given, not resolved)."""
+    return spec.root / spec.image_path(image_id).relative_to(spec.root.resolve())
+
+
 def check_image(spec: DatasetSpec, image_id: str | None, min_side: int) -> tuple[str, str]:
     """(status, message) for one row's image; status is "ok" or one of IMAGE_REASONS."""
     if image_id is None:
         return "no_id", "the row has no id, so it names no image"
-    relative = spec.image_template.format(id=image_id)
     if not is_plain_file_name(image_id):
         return "unsafe_id", (
             f"id {image_id!r} is not a plain file name (path separator or leading dot): "
-            f"its image {relative!r} could lie outside {spec.root}"
+            f"its image could lie outside {spec.root}"
         )
     try:
-        spec.image_path(image_id)
+        path = image_file(spec, image_id)
     except PsyfaceError as error:
         return "unsafe_id", str(error)
     try:
-        decode_image(spec.root / relative, min_side=min_side)
+        decode_image(path, min_side=min_side)
     except ImageProblem as problem:
         imported = spec.source.get("import_problems", {}).get(image_id)
         return problem.reason, f"{problem}" + (f" (the import could not convert it: {imported})" if imported else "")
@@ -132,7 +136,7 @@ def orphan_images(spec: DatasetSpec, ids: list[str | None]) -> list[str]:
     if not folder.is_dir():
         return []
     expected = {
-        (spec.root / spec.image_template.format(id=i)).resolve()
+        spec.image_path(i).resolve()
         for i in ids
         if i is not None and is_plain_file_name(i)
     }
@@ -269,7 +273,7 @@ def findings_for(
         value = table.at[row, column] if column in table.columns else None
         if kind == "image":
             status, message = images[row]
-            file = str(spec.root / spec.image_template.format(id=image_id)) if image_id is not None else ""
+            file = str(image_file(spec, image_id)) if image_id is not None and is_plain_file_name(image_id) else ""
             out.append(Finding(image_id or "", file, f"image:{status}", f"{where}: {message}"))
             continue
         if kind == "id_not_null":

@@ -1,37 +1,66 @@
 """`psyface import generic|us10k`: bring a rated face collection into the canonical `data/` layout.
 
-Images are decoded once through the shared loader (`psyface.images`) and written as 8-bit RGB PNG,
-`images/{id}.png`: every later stage then sees one format, and CMYK, greyscale, palette, RGBA and
-16-bit files are converted here rather than rejected. A file that cannot be decoded (or is missing)
-is not written; its row stays in `ratings.csv` and the reason is recorded in `dataset.yaml` under
-`source.import_problems`, so `psyface validate` reports it and nothing disappears silently. Size rules
-(`validate.min_image_side`) are left to validate. Ids become file-name-safe: characters outside
-`[A-Za-z0-9._-]` turn into `_`, a trailing image extension is dropped; the original id is kept in
-the `source_id` column. Rating cells are copied as written, so validate can name a bad one.
+Images keep the lab's bytes: a file that decodes to 8-bit RGB as it is (baseline or progressive JPEG,
+8-bit RGB PNG) is stored as itself, `images/{id}.jpg|png` (hard-linked where the file system allows,
+else copied; `--copy` always copies). Only files that need converting (CMYK, 16-bit, palette, alpha,
+grey, EXIF-rotated, other formats) are decoded through the shared loader (`psyface.images`) and
+written as 8-bit RGB PNG; the summary counts each kind. Every file is decoded once here, in parallel,
+so a broken one is caught now; `prepare` decodes again into its array, so nothing downstream changes.
+A file that cannot be decoded (or is missing) is not written; its row stays in `ratings.csv` and the
+reason is recorded in `dataset.yaml` under `source.import_problems`, so `psyface validate` reports it
+and nothing disappears silently. Size rules (`validate.min_image_side`) are left to validate.
+
+Tables are read as spreadsheets export them: the CSV delimiter (comma, semicolon, tab) is detected,
+and a column written entirely with decimal commas is read as numbers. Ids become file-name-safe:
+characters outside `[A-Za-z0-9._-]` turn into `_`, a trailing image extension is dropped; the
+original id is kept in the `source_id` column. Rating cells are copied as written, so validate can
+name a bad one. Reliability comes from the raw per-rating table (`--ratings-long`, split-half, see
+`psyface.reliability`) or a table of published values (`--reliability`).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import math
+import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from psyface.dataset.layout import DATA_DIR, Attribute, DatasetSpec
+from psyface.dataset.reliability import (
+    LongColumns,
+    clean_long,
+    face_means,
+    mean_disagreements,
+    read_reliability_table,
+    reliabilities,
+)
 from psyface.errors import PsyfaceError, entry_point
-from psyface.images import ImageProblem, decode_image
-from psyface.io import read_csv_checked, replace_dir_atomic
+from psyface.images import ImageProblem, open_image, to_rgb
+from psyface.io import replace_dir_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 UNKNOWN = "unknown"
 SOURCE_ID = "source_id"
+IMAGE_TEMPLATE = "images/{id}.{ext}"
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png"}  # stored as the original file when already 8-bit RGB
+CONVERT_REASONS = {"CMYK": "CMYK", "P": "palette", "PA": "palette", "RGBA": "alpha", "LA": "alpha", "La": "alpha",
+                   "RGBa": "alpha", "L": "grey", "1": "grey", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit",
+                   "I": "16-bit"}
+EXIF_ORIENTATION = 0x0112
 
 US10K_IMAGES = "Face Images"
 US10K_ATTRIBUTES = "Full Attribute Scores/psychology attributes/psychology-attributes.xlsx"
@@ -56,6 +85,9 @@ class ImportPlan:
     scale: tuple[float, float]
     notes: list[str] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
+    reliability: dict[str, float] = field(default_factory=dict)
+    reliability_lines: list[str] = field(default_factory=list)  # how the reliability was found, for the summary
+    copy: bool = False  # always copy kept originals (never hard-link)
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -69,15 +101,19 @@ def as_text(value: Any) -> Any:
     return text if text else math.nan
 
 
-def read_ratings_table(path: Path, sheet: str | None = None) -> pd.DataFrame:
-    """A .csv (UTF-8) or .xlsx sheet as a text table; each way it can fail names the file."""
+def read_ratings_table(path: Path, sheet: str | None = None, id_column: str | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """A .csv (UTF-8, delimiter detected) or .xlsx sheet as a text table, and notes saying what was
+    detected; each way it can fail names the file. Decimal commas are read where a whole column
+    uses them (never in `id_column`)."""
     if not path.is_file():
         raise PsyfaceError(f"ratings table {path} not found")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
+    notes = []
+    if suffix in (".csv", ".tsv", ".txt"):
         if sheet is not None:
             raise PsyfaceError(f"--sheet applies to .xlsx files, but {path} is a CSV")
-        table = read_csv_checked(path, dtype=str, keep_default_na=True)
+        table, delimiter = read_delimited(path, id_column)
+        notes.append(f"{path.name}: delimiter {DELIMITERS[delimiter]} ({delimiter!r}) detected")
     elif suffix == ".xlsx":
         table = read_sheet(path, sheet)
     else:
@@ -86,7 +122,82 @@ def read_ratings_table(path: Path, sheet: str | None = None) -> pd.DataFrame:
     if table.empty:
         raise PsyfaceError(f"{path}{f' sheet {sheet!r}' if sheet else ''} has no data rows: nothing to import")
     table.columns = [str(c).strip() for c in table.columns]
-    return table.reset_index(drop=True)
+    table, converted = read_decimal_commas(table, exclude={id_column} if id_column else set())
+    if converted:
+        notes.append(f"{path.name}: decimal commas read in column(s) {converted}")
+    return table.reset_index(drop=True), notes
+
+
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text (a spreadsheet's byte-order mark dropped); other encodings are named."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise PsyfaceError(
+            f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            "re-save it as UTF-8"
+        ) from None
+
+
+def field_counts(text: str, delimiter: str) -> list[int]:
+    """Fields per non-blank line when `text` is read with `delimiter` (quotes respected)."""
+    try:
+        return [len(row) for row in csv.reader(io.StringIO(text), delimiter=delimiter) if any(c.strip() for c in row)]
+    except csv.Error:
+        return []
+
+
+def detect_delimiter(text: str, where: str, id_column: str | None = None) -> str:
+    """The one delimiter under which every line has the header's number of fields (more than one).
+
+    Several such readings are narrowed to those whose header has `id_column`; if still more than
+    one, the table is ambiguous and the error shows each reading's columns.
+    """
+    readings = {}
+    for delimiter in DELIMITERS:
+        counts = field_counts(text, delimiter)
+        if counts and counts[0] > 1 and all(n == counts[0] for n in counts):
+            readings[delimiter] = next(csv.reader(io.StringIO(text), delimiter=delimiter))
+    if id_column and len(readings) > 1:
+        readings = {d: header for d, header in readings.items() if id_column in [h.strip() for h in header]} or readings
+    if len(readings) == 1:
+        return next(iter(readings))
+    if readings:
+        both = "; ".join(f"as {DELIMITERS[d]}-separated: columns {header}" for d, header in readings.items())
+        raise PsyfaceError(f"{where}: ambiguous table, it reads two ways ({both}); "
+                           "re-export it with one delimiter that no cell contains, or quote the cells")
+    return ","  # one column, or ragged under every delimiter: read as CSV, so the errors name columns
+
+
+def read_delimited(path: Path, id_column: str | None) -> tuple[pd.DataFrame, str]:
+    """A delimited text table (all cells as text) and its detected delimiter."""
+    text = read_text(path)
+    if not text.strip():
+        raise PsyfaceError(f"{path} is empty: expected a header line and one row per image")
+    delimiter = detect_delimiter(text, str(path), id_column)
+    try:
+        table = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=True)
+    except pd.errors.ParserError as error:
+        raise PsyfaceError(f"cannot parse {path}: {error}") from None
+    return table, delimiter
+
+
+DECIMAL_COMMA = re.compile(r"^[+-]?\d+(,\d+)?$")
+
+
+def read_decimal_commas(table: pd.DataFrame, exclude: set[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Columns whose every non-empty cell is a number written with a decimal comma (or an integer),
+    at least one with the comma, become dot-decimal text; returns the table and those columns."""
+    converted = []
+    table = table.copy()
+    for column in table.columns:
+        if column in exclude:
+            continue
+        values = table[column].dropna().astype(str)
+        if len(values) and values.str.match(DECIMAL_COMMA).all() and values.str.contains(",").any():
+            table[column] = table[column].map(lambda v: v.replace(",", ".") if isinstance(v, str) else v)
+            converted.append(column)
+    return table, converted
 
 
 def read_sheet(path: Path, sheet: str | None) -> pd.DataFrame:
@@ -163,6 +274,13 @@ def safe_id(raw: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip(".")
 
 
+def is_plain_name(raw: str) -> bool:
+    """The path-safety rule for ids: no absolute path, no `..`, no separator (only the template may
+    add folders). Where a symlinked image folder points is not the id's business, so not checked."""
+    return not (raw.startswith(("/", "\\")) or Path(raw).is_absolute() or ".." in raw.replace("\\", "/").split("/")
+                or "/" in raw or "\\" in raw)
+
+
 def check_ids(table: pd.DataFrame, id_column: str, images_dir: Path, template: str, where: str) -> list[str]:
     """Canonical ids for the rows; empty, duplicate, escaping or colliding ids are errors naming rows."""
     raw = table[id_column]
@@ -173,14 +291,14 @@ def check_ids(table: pd.DataFrame, id_column: str, images_dir: Path, template: s
     if duplicated:
         listed = "; ".join(f"{v!r} on lines {lines}" for v, lines in list(duplicated.items())[:10])
         raise PsyfaceError(f"{where}: duplicate ids in column {id_column!r}: {listed}")
-    base = images_dir.resolve()
-    escaping = [
-        (i + 2, v) for i, v in enumerate(raw) if not (images_dir / template.format(id=v)).resolve().is_relative_to(base)
-    ]
+    template_parts = template.replace("\\", "/").split("/")
+    if Path(template).is_absolute() or ".." in template_parts or "{id}" not in template:
+        raise PsyfaceError(f"--filename-template {template!r} must contain {{id}} and name a file inside the images folder")
+    escaping = [(i + 2, v) for i, v in enumerate(raw) if not is_plain_name(v)]
     if escaping:
         raise PsyfaceError(
-            f"{where}: id(s) whose image would lie outside {images_dir}: "
-            + ", ".join(f"line {line} {v!r}" for line, v in escaping[:10])
+            f"{where}: id(s) that are not plain names (absolute, '..' or a path separator), so their "
+            f"image would lie outside {images_dir}: " + ", ".join(f"line {line} {v!r}" for line, v in escaping[:10])
         )
     ids = [safe_id(v) for v in raw]
     bad = [(i + 2, v) for i, (v, s) in enumerate(zip(raw, ids, strict=True)) if not s]
@@ -214,20 +332,71 @@ def categories(values: pd.Series) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- writing
-def convert_images(plan: ImportPlan, ids: list[str], images_out: Path) -> dict[str, str]:
-    """Write images/{id}.png for every decodable source; return {id: problem} for the others."""
-    images_out.mkdir(parents=True, exist_ok=True)
-    problems = {}
-    raw_ids = plan.table[plan.id_column].tolist()
-    for image_id, raw in tqdm(list(zip(ids, raw_ids, strict=True)), desc="import images", unit="img", disable=None):
-        source = plan.images_dir / plan.filename_template.format(id=raw)
+def conversion_reason(image: Image.Image) -> str | None:
+    """Why a decoded file cannot be stored as it is (None: it is 8-bit RGB JPEG/PNG, kept)."""
+    if image.format not in KEPT_FORMATS:
+        return f"{image.format or 'unknown'} format"
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        return "EXIF-rotated"
+    if image.mode != "RGB":
+        return CONVERT_REASONS.get(image.mode, f"mode {image.mode}")
+    return None
+
+
+def store_image(source: Path, folder: Path, image_id: str, copy: bool) -> tuple[str, str]:
+    """Store one source image under `folder` -> (kind, detail): ("kept", "jpg linked"|"png copied"...),
+    ("converted", reason) or ("problem", "reason: message"). Runs in a worker process."""
+    try:
+        image = open_image(source, min_side=1, reduced=True)
+        reason = conversion_reason(image)
+        if reason is None:
+            suffix = KEPT_FORMATS[image.format]
+            return "kept", f"{suffix} {keep_file(source, folder / f'{image_id}.{suffix}', copy)}"
+        if image.format == "JPEG":  # decoded at 1/8 scale for the check: decode fully to convert
+            image = open_image(source, min_side=1)
+        to_rgb(ImageOps.exif_transpose(image)).save(folder / f"{image_id}.png", "PNG")
+        return "converted", reason
+    except ImageProblem as problem:
+        return "problem", f"{problem.reason}: {problem}"
+
+
+def keep_file(source: Path, target: Path, copy: bool) -> str:
+    """Hard-link `source` (its real file, through symlinks) to `target`, else copy it; say which."""
+    if not copy:
         try:
-            image = decode_image(source, min_side=1)
-        except ImageProblem as problem:
-            problems[image_id] = f"{problem.reason}: {problem}"
-            continue
-        image.save(images_out / f"{image_id}.png", "PNG")
-    return problems
+            os.link(source.resolve(), target)
+            return "linked"
+        except OSError:
+            pass
+    shutil.copyfile(source, target)
+    return "copied"
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def import_images(plan: ImportPlan, ids: list[str], images_out: Path, workers: int) -> tuple[Counter, dict[str, str]]:
+    """Store every row's image in `images_out` on `workers` processes -> (counts of what was kept or
+    converted and why, {id: problem} for the images that could not be imported)."""
+    images_out.mkdir(parents=True, exist_ok=True)
+    raw_ids = plan.table[plan.id_column].tolist()
+    sources = [plan.images_dir / plan.filename_template.format(id=raw) for raw in raw_ids]
+    jobs = (sources, [images_out] * len(ids), ids, [plan.copy] * len(ids))
+    bar = {"desc": "import images", "unit": "img", "total": len(ids), "disable": None}
+    if workers <= 1:
+        results = list(tqdm(map(store_image, *jobs), **bar))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(tqdm(pool.map(store_image, *jobs, chunksize=8), **bar))
+    counts: Counter = Counter()
+    problems = {}
+    for image_id, (kind, detail) in zip(ids, results, strict=True):
+        if kind == "problem":
+            problems[image_id] = detail
+        else:
+            counts[f"{kind}: {detail}"] += 1
+    return counts, problems
 
 
 def unused_images(plan: ImportPlan) -> list[str]:
@@ -240,7 +409,7 @@ def unused_images(plan: ImportPlan) -> list[str]:
     )
 
 
-def write_dataset(plan: ImportPlan, out: Path, force: bool) -> str:
+def write_dataset(plan: ImportPlan, out: Path, force: bool, workers: int | None = None) -> str:
     """Write the canonical layout into `out` (built under a temporary name, then swapped in); return the summary."""
     where = str(plan.source.get("ratings", plan.name))
     require_columns(plan.table, [plan.id_column, *plan.sensitive, *plan.labels], where)
@@ -253,50 +422,64 @@ def write_dataset(plan: ImportPlan, out: Path, force: bool) -> str:
         raise PsyfaceError(f"--out {out} is a file; give a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise PsyfaceError(f"{out} exists and is not empty; pass --force to replace it")
+    unknown = sorted(set(plan.reliability) - set(plan.attributes))
+    if unknown:
+        raise PsyfaceError(f"reliability given for {unknown}, which are not attributes of this import {plan.attributes}")
     ids = check_ids(plan.table, plan.id_column, plan.images_dir, plan.filename_template, where)
     table = canonical_table(plan, ids)
     problems: dict[str, str] = {}
+    counts: Counter = Counter()
 
     def fill(folder: Path) -> None:
-        problems.update(convert_images(plan, ids, folder / "images"))
+        stored, failed = import_images(plan, ids, folder / "images", workers or default_workers())
+        counts.update(stored)
+        problems.update(failed)
         table.to_csv(folder / "ratings.csv", index=False)
         dataset_spec(plan, problems, out).write(folder)
 
     replace_dir_atomic(out, fill)
     spec = dataset_spec(plan, problems, out)
-    return summary(plan, spec, len(table), problems, unused_images(plan), out)
+    return summary(plan, spec, len(table), counts, problems, unused_images(plan), out)
 
 
 def dataset_spec(plan: ImportPlan, problems: dict[str, str], out: Path) -> DatasetSpec:
-    """dataset.yaml's content: declared columns, one scale, reliability unknown, import problems."""
+    """dataset.yaml's content: declared columns, one scale, reliability (where known), import problems."""
     return DatasetSpec(
         name=plan.name,
         attributes={name: Attribute(scale=plan.scale) for name in plan.attributes},
+        image_template=IMAGE_TEMPLATE,
         sensitive_features={c: categories(plan.table[c]) for c in plan.sensitive},
         labels={c: categories(plan.table[c]) for c in plan.labels},
-        reliability={},
+        reliability={name: plan.reliability[name] for name in plan.attributes if name in plan.reliability},
         source={**plan.source, "import_problems": dict(problems)},
         root=out,
     )
 
 
 def summary(
-    plan: ImportPlan, spec: DatasetSpec, rows: int, problems: dict[str, str], unused: list[str], out: Path
+    plan: ImportPlan, spec: DatasetSpec, rows: int, counts: Counter, problems: dict[str, str], unused: list[str],
+    out: Path,
 ) -> str:
     def listing(names: dict[str, list[str]]) -> str:
         return ", ".join(f"{k} ({len(v)} categories)" for k, v in names.items()) or "none"
 
+    kept = sum(n for kind, n in counts.items() if kind.startswith("kept"))
+    unknown = [name for name in plan.attributes if name not in spec.reliability]
     lines = [
         f"imported {rows} rows from {plan.source.get('ratings')} into {out}/",
         f"  attributes: {', '.join(plan.attributes)}; scale {list(plan.scale)}",
         f"  sensitive features: {listing(spec.sensitive_features)}",
         f"  labels: {listing(spec.labels)}",
         *(f"  note: {note}" for note in plan.notes),
-        f"  images: {rows - len(problems)} written as PNG to {out}/images/, {len(problems)} not imported",
+        f"  images: {rows - len(problems)} stored in {out}/images/ ({kept} kept as the original file, "
+        f"{rows - len(problems) - kept} re-encoded as PNG), {len(problems)} not imported",
+        *(f"    {n} {kind}" for kind, n in sorted(counts.items())),
         *(f"    {image_id}: {problem}" for image_id, problem in list(problems.items())[:10]),
         f"  image files in {plan.images_dir} with no row (not imported): {len(unused)}"
         + (f", e.g. {unused[:5]}" if unused else ""),
-        "  reliability: unknown (dataset.yaml reliability left empty)",
+        *plan.reliability_lines,
+        f"  reliability: unknown for {unknown} (pass --ratings-long or --reliability)" if unknown
+        else "  reliability: known for every attribute (dataset.yaml reliability)",
     ]
     if problems:
         lines.append("  the rows of images not imported stay in ratings.csv: `psyface validate` reports them")
@@ -304,14 +487,80 @@ def summary(
 
 
 # --------------------------------------------------------------------------------------- commands
+def with_long_ratings(
+    table: pd.DataFrame | None, id_column: str, long: pd.DataFrame, args: argparse.Namespace, where: str
+) -> tuple[pd.DataFrame, dict[str, float], dict[str, Any], list[str]]:
+    """Means and split-half reliability from a long per-rating table -> (mean table with the means
+    of attributes it lacked added, or built from them; reliability; its record for dataset.yaml
+    `source.reliability`; summary lines). Means the table gives are checked against the ratings."""
+    columns = LongColumns(args.long_id_column or id_column, args.attribute_column, args.rating_column,
+                          args.rater_column, args.trial_type_column)
+    named = [c for c in (columns.id, columns.attribute, columns.rating, columns.rater, columns.trial_type) if c]
+    require_columns(long, named, where)
+    clean, notes = clean_long(long, columns, args.keep_trial_types or [], where)
+    means = face_means(clean)
+    as_text_means = means.map(lambda v: math.nan if pd.isna(v) else f"{v:.10g}")
+    if table is None:
+        table = as_text_means.rename_axis(id_column).reset_index()
+    else:
+        disagreements = mean_disagreements(table, id_column, means)
+        if disagreements:
+            raise PsyfaceError(f"the mean table disagrees with the means of {where} in {len(disagreements)} cell(s): "
+                               + "; ".join(disagreements[:10]))
+        added = [c for c in means.columns if c not in table.columns]
+        if added:
+            table = table.merge(as_text_means[added], left_on=id_column, right_index=True, how="left")
+            notes.append(f"means of {added} computed from the ratings (not in the mean table)")
+        unrated = int((~table[id_column].isin(means.index)).sum())
+        extra = int((~means.index.isin(table[id_column])).sum())
+        if unrated:
+            notes.append(f"{unrated} face(s) of the mean table have no rating in {where}")
+        if extra:
+            notes.append(f"{extra} face(s) rated in {where} have no row in the mean table: not imported")
+    found = reliabilities(clean, args.reliability_splits, args.reliability_seed)
+    lines = [f"  ratings: {len(clean)} from {where}" + "".join(f"; {note}" for note in notes)]
+    for attribute, value in found.items():
+        low, high, mean = value.ratings_per_face
+        lines.append(
+            f"  reliability {attribute}: {value.reliability:.3f} (split-half, Spearman-Brown; SD {value.sd:.3f} over "
+            f"{value.splits} splits, 95 % of splits {value.low:.3f}-{value.high:.3f}); {value.faces} faces with "
+            f"{low}-{high} ratings (mean {mean:.1f})"
+            + (f"; {value.too_few} face(s) with fewer than 2 ratings not used" if value.too_few else "")
+        )
+    record = {"method": "split-half within faces, Spearman-Brown corrected", "ratings_long": where,
+              "seed": args.reliability_seed, "attributes": {a: v.as_dict() for a, v in found.items()}}
+    return table, {a: round(v.reliability, 4) for a, v in found.items()}, record, lines
+
+
+def reliability_evidence(
+    table: pd.DataFrame | None, id_column: str, args: argparse.Namespace
+) -> tuple[pd.DataFrame | None, dict[str, float], dict[str, Any], list[str]]:
+    """The --ratings-long or --reliability evidence (neither: the table as it is, nothing known)."""
+    if args.ratings_long:
+        path = Path(args.ratings_long)
+        long, _ = read_ratings_table(path, args.long_sheet, args.long_id_column or id_column)
+        return with_long_ratings(table, id_column, long, args, str(path))
+    if args.reliability:
+        path = Path(args.reliability)
+        values = read_reliability_table(read_ratings_table(path)[0], str(path))
+        lines = [f"  reliability: {', '.join(f'{a}={v:.3f}' for a, v in values.items())} from {path}"]
+        return table, values, {"method": "given", "file": str(path)}, lines
+    return table, {}, {}, []
+
+
 def generic_plan(args: argparse.Namespace) -> ImportPlan:
-    path = Path(args.ratings)
-    table = read_ratings_table(path, args.sheet)
+    if not args.ratings and not args.ratings_long:
+        raise PsyfaceError("give --ratings (a mean table), --ratings-long (one row per rating), or both")
+    path = Path(args.ratings or args.ratings_long)
+    table, read_notes = read_ratings_table(path, args.sheet, args.id_column) if args.ratings else (None, [])
+    table, reliability, record, reliability_lines = reliability_evidence(table, args.id_column, args)
+    assert table is not None  # with no --ratings, --ratings-long built it
     named = [args.id_column, *args.sensitive, *args.labels]
     require_columns(table, named, str(path))
     attributes, labels, notes = classify_columns(table, set(named))
     labels = [*args.labels, *labels]
     notes = [
+        *read_notes,
         f"columns not named on the command line: numeric -> attributes {attributes}, "
         f"non-numeric -> labels {[c for c in labels if c not in args.labels]}",
         *notes,
@@ -334,7 +583,11 @@ def generic_plan(args: argparse.Namespace) -> ImportPlan:
         labels=labels,
         scale=scale,
         notes=notes,
-        source={"importer": "generic", "images": str(args.images), "ratings": str(path), "sheet": args.sheet},
+        source={"importer": "generic", "images": str(args.images), "ratings": str(path), "sheet": args.sheet,
+                **({"reliability": record} if record else {})},
+        reliability=reliability,
+        reliability_lines=reliability_lines,
+        copy=args.copy,
     )
 
 
@@ -351,9 +604,9 @@ def us10k_plan(args: argparse.Namespace) -> ImportPlan:
     if not root.is_dir():
         raise PsyfaceError(f"{root} is not a folder (expected the 10k US Adult Faces root)")
     attributes_file, demographics_file = root / args.attributes_file, root / args.demographics_file
-    ratings = read_ratings_table(attributes_file, args.attributes_sheet)
+    ratings, _ = read_ratings_table(attributes_file, args.attributes_sheet, args.filename_column)
     require_columns(ratings, [args.filename_column], f"{attributes_file} sheet {args.attributes_sheet!r}")
-    demographics = read_ratings_table(demographics_file, args.demographics_sheet)
+    demographics, _ = read_ratings_table(demographics_file, args.demographics_sheet, args.filename_column)
     wanted = [args.filename_column, *args.sensitive, *args.labels]
     require_columns(demographics, wanted, f"{demographics_file} sheet {args.demographics_sheet or 'first'}")
     attributes = [c for c in ratings.columns if c != args.filename_column and ratings[c].map(is_number).any()]
@@ -371,6 +624,18 @@ def us10k_plan(args: argparse.Namespace) -> ImportPlan:
     missing = int((~table[args.filename_column].isin(demographics[args.filename_column])).sum())
     if missing:
         notes.append(f"{missing} face(s) have no demographic row: their categories are {UNKNOWN!r}")
+    if args.rater_sheet:
+        sheet, _ = read_ratings_table(attributes_file, args.rater_sheet, args.filename_column)
+        if args.attribute_column not in sheet.columns:  # wide: one row per rater and face, a column per attribute
+            require_columns(sheet, [args.filename_column], f"{attributes_file} sheet {args.rater_sheet!r}")
+            keep = [c for c in (args.filename_column, args.rater_column, args.trial_type_column) if c]
+            sheet = sheet.melt(id_vars=keep, value_vars=[c for c in attributes if c in sheet.columns],
+                               var_name=args.attribute_column, value_name=args.rating_column)
+        table, reliability, record, lines = with_long_ratings(table, args.filename_column, sheet, args,
+                                                              f"{attributes_file} [{args.rater_sheet}]")
+    else:
+        table, reliability, record, lines = reliability_evidence(table, args.filename_column, args)
+    assert table is not None
     return ImportPlan(
         name=args.name,
         table=table,
@@ -388,7 +653,11 @@ def us10k_plan(args: argparse.Namespace) -> ImportPlan:
             "ratings": f"{attributes_file} [{args.attributes_sheet}]",
             "demographics": str(demographics_file),
             "race_codes": codes,
+            **({"reliability": record} if record else {}),
         },
+        reliability=reliability,
+        reliability_lines=lines,
+        copy=args.copy,
     )
 
 
@@ -397,7 +666,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="layout", required=True)
     generic = sub.add_parser("generic", help="a folder of images plus a .csv/.xlsx ratings table")
     generic.add_argument("--images", required=True, help="folder with the face images")
-    generic.add_argument("--ratings", required=True, help="ratings table (.csv UTF-8 or .xlsx)")
+    generic.add_argument("--ratings", help="mean ratings table (.csv UTF-8, any delimiter, or .xlsx)")
     generic.add_argument("--id-column", required=True, help="column identifying each image")
     generic.add_argument("--filename-template", default="{id}.jpg", help="image file name from the id")
     generic.add_argument("--sensitive", nargs="+", action="extend", help="columns that are sensitive features")
@@ -419,9 +688,26 @@ def parser() -> argparse.ArgumentParser:
     option("--race-codes", default=US10K_RACE_CODES, help="code=name pairs, comma separated (%(default)s)")
     option("--scale", nargs=2, type=float, default=[1.0, 9.0], metavar=("LO", "HI"), help="rating scale (1 9)")
     option("--name", default="us10k", help="dataset name (%(default)s)")
+    option("--rater-sheet", help="per-rater sheet of the attributes workbook (long, or one row per rater and face "
+                                 "with a column per attribute): means checked, split-half reliability computed")
     for command in (generic, us10k):
-        command.add_argument("--out", default=str(DATA_DIR), help="output folder (default: data)")
-        command.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+        add = command.add_argument
+        evidence = command.add_mutually_exclusive_group()
+        evidence.add_argument("--ratings-long", help="one row per rating (.csv/.xlsx): means and split-half reliability")
+        evidence.add_argument("--reliability", help="published reliabilities (.csv/.xlsx): columns attribute, reliability")
+        add("--long-sheet", help="sheet of an .xlsx --ratings-long (default: the first)")
+        add("--long-id-column", help="face column of the long table (default: the id column)")
+        add("--attribute-column", default="attribute", help="attribute column of the long table (%(default)s)")
+        add("--rating-column", default="rating", help="rating column of the long table (%(default)s)")
+        add("--rater-column", help="rater column of the long table (optional: raters counted)")
+        add("--trial-type-column", help="trial-type column of the long table (optional)")
+        add("--keep-trial-types", nargs="+", action="extend", help="trial types whose ratings count (default: all)")
+        add("--reliability-splits", type=int, default=200, help="random split-halves per attribute (%(default)s)")
+        add("--reliability-seed", type=int, default=0, help="seed of the split-halves (%(default)s)")
+        add("--copy", action="store_true", help="copy kept images (default: hard-link where possible)")
+        add("--workers", type=int, help="decoding processes (default: every core)")
+        add("--out", default=str(DATA_DIR), help="output folder (default: data)")
+        add("--force", action="store_true", help="replace a non-empty output folder")
     return top
 
 
@@ -433,8 +719,10 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, option, getattr(args, option) or default)
     if args.scale and not args.scale[0] < args.scale[1]:
         raise PsyfaceError(f"--scale must be LO HI with LO < HI, got {args.scale}")
+    if args.reliability_splits < 1 or (args.workers is not None and args.workers < 1):
+        raise PsyfaceError("--reliability-splits and --workers must be at least 1")
     plan = generic_plan(args) if args.layout == "generic" else us10k_plan(args)
-    print(write_dataset(plan, Path(args.out), args.force))
+    print(write_dataset(plan, Path(args.out), args.force, args.workers))
     return 0
 
 

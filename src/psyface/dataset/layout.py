@@ -7,7 +7,8 @@ faces came from:
     data/
       dataset.yaml          what the columns mean (this module's schema)
       ratings.csv           one row per image: id, attribute means, sensitive features, labels
-      images/{id}.png       the faces (template configurable)
+      images/{id}.png       the faces (template configurable; `{ext}` in it stands for whichever of
+                            IMAGE_EXTENSIONS exists, so imported originals keep their own format)
       masks/{id}.png        optional: uint8 bitfield, bit k set where `masks.regions[k]` is
       landmarks.csv         optional: id, x0, y0, x1, y1, ... in image pixel coordinates
 """
@@ -29,6 +30,9 @@ from psyface.io import read_csv_checked
 
 DATASET_FILE = "dataset.yaml"
 DATA_DIR = Path("data")  # the DVC-tracked dataset every stage reads (data.dvc)
+# What `{ext}` in an image template may be: the importer keeps JPEG and PNG originals as they are and
+# re-encodes everything else to PNG, so these two cover every imported image.
+IMAGE_EXTENSIONS = ("jpg", "png")
 
 
 @dataclass(frozen=True)
@@ -95,8 +99,13 @@ class DatasetSpec:
         return self.root / self.ratings_file
 
     def image_path(self, image_id: str) -> Path:
-        """Path of an image; refuses ids that would resolve outside the dataset folder."""
-        return _inside(self.root, self.image_template.format(id=image_id), image_id)
+        """Path of an image; refuses ids that would lie outside the dataset folder. With `{ext}` in the
+        template, the first of IMAGE_EXTENSIONS that exists (the first one when none does)."""
+        if "{ext}" not in self.image_template:
+            return _inside(self.root, self.image_template.format(id=image_id), image_id)
+        candidates = [_inside(self.root, self.image_template.format(id=image_id, ext=ext), image_id)
+                      for ext in IMAGE_EXTENSIONS]
+        return next((path for path in candidates if path.is_file()), candidates[0])
 
     def mask_path(self, image_id: str) -> Path:
         if self.masks is None:
@@ -180,6 +189,14 @@ def _check(spec: DatasetSpec, path: Path) -> None:
             raise PsyfaceError(f"{path}: attributes.{name}.regions {unknown} not in masks.regions {known}")
     if "{id}" not in spec.image_template:
         raise PsyfaceError(f"{path}: image_template must contain {{id}}, got {spec.image_template!r}")
+    template_parts = spec.image_template.replace("\\", "/").split("/")
+    if Path(spec.image_template).is_absolute() or ".." in template_parts:
+        raise PsyfaceError(f"{path}: image_template must be a path inside the dataset folder, got {spec.image_template!r}")
+    try:
+        spec.image_template.format(id="x", ext="png")
+    except (KeyError, IndexError, ValueError) as error:
+        raise PsyfaceError(f"{path}: image_template may only use {{id}} and {{ext}}, got {spec.image_template!r} "
+                           f"({error})") from None
     overlap = set(spec.attributes) & (set(spec.sensitive_features) | set(spec.labels))
     if overlap:
         raise PsyfaceError(f"{path}: {sorted(overlap)} declared both as attribute and as category")

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +26,7 @@ from tqdm import tqdm
 
 from psyface.dataset.layout import Attribute, DatasetSpec, Landmarks, Masks
 from psyface.errors import PsyfaceError, entry_point
+from psyface.io import replace_dir_atomic
 
 REGIONS = ["mouth", "brows", "eyes", "jaw", "cheeks", "forehead", "hair"]
 EXPRESSIONS = ["neutral", "happy", "sad", "surprised", "angry"]
@@ -394,7 +393,7 @@ def _demographics(face: Face) -> dict[str, str]:
 
 def generate(out: Path, config: SynthConfig, progress: bool = True) -> DatasetSpec:
     """Write the whole dataset into `out` (must not exist) and return its spec."""
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir()
     (out / "masks").mkdir()
     faces: list[Face] = []
@@ -450,9 +449,10 @@ def generate(out: Path, config: SynthConfig, progress: bool = True) -> DatasetSp
     return spec
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SynthConfig]:
+def parse_args(argv: list[str] | None, prog: str = "psyface synth", description: str = __doc__.split("\n\n")[0]
+               ) -> tuple[argparse.Namespace, SynthConfig]:
     defaults = SynthConfig()
-    parser = argparse.ArgumentParser(prog="psyface synth", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--out", type=Path, default=Path("data"), help="output folder (default: data)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     for name, value in vars(defaults).items():
@@ -475,12 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     if out.exists() and any(out.iterdir()) and not args.force:
         raise PsyfaceError(f"{out} exists and is not empty; pass --force to replace it")
-    staging = out.with_name(f".{out.name}.synth-tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    spec = generate(staging, config)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    generated = []
+    replace_dir_atomic(out, lambda staging: generated.append(generate(staging, config)))
+    spec = generated[0]
     n = config.n_identities * config.images_per_identity
     print(f"wrote {n} faces ({config.n_identities} identities) at {config.size}px to {out}/")
     print("reliability (split-half, Spearman-Brown): "

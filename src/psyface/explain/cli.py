@@ -14,8 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from psyface.errors import PsyfaceError, entry_point
 from psyface.explain.methods import METHODS, MethodOptions, attribute
 from psyface.explain.scores import relevance
@@ -52,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     images, loaded, problems = load_images(args.files, spec.image_size)
     if not loaded:
         raise PsyfaceError(problems_message(problems, len(args.files)))
-    maps = attribute(net, to_input(images).contiguous(), args.method, MethodOptions())
+    maps = attribute(net, to_input(images, "cpu", spec.input_mean, spec.input_std).contiguous(), args.method, MethodOptions())
     magnitudes = relevance(maps).numpy()
     args.out.mkdir(parents=True, exist_ok=True)
     for row, (path, image) in enumerate(zip(loaded, images, strict=True)):

@@ -14,12 +14,25 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from captum.attr import LRP, IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
+from captum.attr import (
+    LRP,
+    IntegratedGradients,
+    LayerAttribution,
+    LayerGradCam,
+    Occlusion,
+)
 from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule
 from torch import nn
 
+from psyface.config import PositiveInt
 from psyface.errors import PsyfaceError
-from psyface.model import IMAGENET_MEAN, IMAGENET_STD, AttributeEnsemble, is_block_end
+from psyface.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AttributeEnsemble,
+    is_block_end,
+    n_outputs_of,
+)
 
 Method = Literal["gradcam", "integrated_gradients", "lrp", "occlusion"]
 METHODS: tuple[Method, ...] = ("gradcam", "integrated_gradients", "lrp", "occlusion")
@@ -30,12 +43,12 @@ Baseline = Literal["black", "mean"]
 class MethodOptions:
     """Knobs of the costly methods (the `explain:` params section embeds this)."""
 
-    ig_steps: int = 16
+    ig_steps: PositiveInt = 16
     ig_baseline: Baseline = "black"
-    ig_internal_batch_size: int = 64
-    occlusion_window: int = 8
-    occlusion_stride: int = 4
-    occlusion_batch: int = 64  # occluded images per forward pass
+    ig_internal_batch_size: PositiveInt = 64
+    occlusion_window: PositiveInt = 8
+    occlusion_stride: PositiveInt = 4
+    occlusion_batch: PositiveInt = 64  # occluded images per forward pass
     gradcam_layer: str = "last"  # last: the last convolution; convB_L: VGG block B, layer L (a finer grid)
 
 
@@ -53,11 +66,6 @@ def attribute(model: nn.Module, images: torch.Tensor, method: Method, options: M
     if isinstance(model, AttributeEnsemble):
         return torch.cat([attribute(member, images, method, options) for member in model.members], dim=1)
     return ATTRIBUTIONS[method](model, images, options).detach().float()
-
-
-def n_outputs(model: nn.Module) -> int:
-    """The number of attributes an AttributeNet predicts (read off its last layer, no forward pass)."""
-    return int(model.last_layer.out_features)  # type: ignore[union-attr]
 
 
 def expand_targets(rows: torch.Tensor, n_targets: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +129,7 @@ def gradcam(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> t
     trunk, tail, layer = split_at_conv(model, options.gradcam_layer)
     with torch.no_grad():
         activations = trunk(images)
-    expanded, targets = expand_targets(activations, n_outputs(model))
+    expanded, targets = expand_targets(activations, n_outputs_of(model))
     cams = LayerGradCam(tail, layer).attribute(expanded, target=targets, relu_attributions=True)
     cams = LayerAttribution.interpolate(cams, tuple(images.shape[-2:]), interpolate_mode="bilinear")
     return cams.reshape(images.shape[0], -1, *images.shape[-2:])
@@ -137,7 +145,7 @@ def baseline_image(images: torch.Tensor, kind: Baseline) -> torch.Tensor:
 
 
 def integrated_gradients(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
-    expanded, targets = expand_targets(images, n_outputs(model))
+    expanded, targets = expand_targets(images, n_outputs_of(model))
     maps = IntegratedGradients(model).attribute(
         expanded,
         baselines=baseline_image(images, options.ig_baseline),
@@ -172,8 +180,12 @@ def lrp_ready(model: nn.Module) -> nn.Module:
 
 
 def lrp(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
+    nets = list(model.members) if isinstance(model, AttributeEnsemble) else [model]
+    if any(hasattr(getattr(net, "features", None), "backbone") for net in nets):  # a torchvision/timm adapter
+        raise PsyfaceError("LRP is not available for this architecture: its rules here fit plain convolution "
+                           "stacks (VGG), not residual, depthwise or attention blocks")
     ready = lrp_ready(model)
-    expanded, targets = expand_targets(images, n_outputs(ready))
+    expanded, targets = expand_targets(images, n_outputs_of(ready))
     try:
         maps = LRP(ready).attribute(expanded.requires_grad_(), target=targets)
     except TypeError as error:

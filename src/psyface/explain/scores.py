@@ -10,6 +10,7 @@ each, so they are written here, batched over images and attributes.
 from __future__ import annotations
 
 import copy
+
 import numpy as np
 import torch
 from scipy.stats import rankdata

@@ -8,7 +8,6 @@ of the raw maps, and logs all of it into the training run, so lineage stays one 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -23,11 +22,25 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from psyface.config import load_section
+from psyface.artifacts import (
+    EXPLAIN_FIGURES_DIR,
+    EXPLAIN_MAPS_FILE,
+    EXPLAIN_METRICS_FILE,
+    PREPARED_DIR,
+    Prepared,
+    load_prepared,
+)
+from psyface.config import NonNegativeInt, PositiveInt, UnitFloat, load_section
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.explain import figures
-from psyface.explain.methods import METHODS, Method, MethodOptions, attribute, gradcam_grid
+from psyface.explain.methods import (
+    METHODS,
+    Method,
+    MethodOptions,
+    attribute,
+    gradcam_grid,
+)
 from psyface.explain.scores import (
     area_under_curve,
     defined_mean,
@@ -35,19 +48,17 @@ from psyface.explain.scores import (
     grid_ceiling,
     mask_share,
     pointing_game,
+    random_order,
     randomisation_correlation,
     randomised_copy,
-    random_order,
     relevance,
     relevance_mass_accuracy,
 )
 from psyface.io import replace_dir_atomic, write_atomic, write_json_atomic
 from psyface.model import AttributeNet, ModelSpec, to_input
-from psyface.prepare import PREPARED_DIR, Prepared, load_prepared
 
-FIGURES_DIR = Path("reports/explain/figures")
-METRICS_FILE = Path("reports/explain/metrics.json")
-MAPS_FILE = Path("artifacts/explain/maps.npz")
+NO_LOCALISATION = ("not available: no region masks for the explained attributes "
+                   "(dataset.yaml `masks:` and attributes.*.regions)")
 
 
 @dataclass(frozen=True)
@@ -55,17 +66,17 @@ class ExplainParams:
     """The `explain:` section of params.yaml. A budget of 0 images means the whole test split."""
 
     methods: list[Method] = field(default_factory=lambda: list(METHODS))
-    options: MethodOptions = field(default_factory=MethodOptions)
-    batch_size: int = 16
-    max_images: dict[str, int] = field(default_factory=lambda: {"integrated_gradients": 4, "occlusion": 8})
-    n_top: int = 4
-    raw_maps_images: int = 16
-    deletion_images: int = 4
-    deletion_steps: int = 8
-    sanity_images: int = 4
-    sanity_threshold: float = 0.2
-    rma_target: float = 0.7
-    seed: int = 0
+    options: MethodOptions = field(default_factory=lambda: MethodOptions(gradcam_layer="conv3_3"))  # a 16x16 grid at 64 px
+    batch_size: PositiveInt = 16
+    max_images: dict[str, NonNegativeInt] = field(default_factory=lambda: {"integrated_gradients": 4, "lrp": 16, "occlusion": 4})
+    n_top: PositiveInt = 4
+    raw_maps_images: NonNegativeInt = 16
+    deletion_images: PositiveInt = 4
+    deletion_steps: PositiveInt = 8
+    sanity_images: PositiveInt = 4
+    sanity_threshold: UnitFloat = 0.2
+    rma_target: UnitFloat = 0.7
+    seed: NonNegativeInt = 0
 
 
 @dataclass(frozen=True)
@@ -189,7 +200,7 @@ def explain_test_set(
     """Every method's maps, scores and figures for the test faces -> (metrics, raw map subset)."""
     net.eval()
     attributes = spec.attributes
-    inputs = to_input(test.images).contiguous()
+    inputs = to_input(test.images, "cpu", spec.input_mean, spec.input_std).contiguous()
     with torch.no_grad():
         predictions = torch.cat([net(batch) for batch in inputs.split(params.batch_size)]).numpy()
     ratings = spec.to_rating_scale(predictions)
@@ -199,13 +210,20 @@ def explain_test_set(
     randomised = randomised_copy(net, params.seed)
 
     metrics: dict[str, Any] = {"aligned": test.aligned, "test_images": len(test.ids)}
+    if not test.region_masks:
+        metrics["localisation"] = NO_LOCALISATION
     raw: dict[str, np.ndarray] = {"ids": np.array(test.ids[: params.raw_maps_images]), "attributes": np.array(attributes)}
     mean_by_method: dict[str, np.ndarray] = {}
     deletion_by_method: dict[str, np.ndarray] = {}
     for method in params.methods:
         n_images = min(params.max_images.get(method, 0) or len(test.ids), len(test.ids))
         started = time.perf_counter()
-        maps = compute_maps(net, inputs[:n_images], method, params.options, params.batch_size, progress)
+        try:
+            maps = compute_maps(net, inputs[:n_images], method, params.options, params.batch_size, progress)
+        except PsyfaceError as error:  # e.g. Grad-CAM on a transformer, LRP on layers without rules
+            print(f"explain: {method} not available for {spec.arch}: {error}")
+            metrics[method] = {"available": False, "reason": str(error)}
+            continue
         seconds = time.perf_counter() - started
         scores, deletion_by_method[method] = quality(net, inputs, maps, test, attributes, params, method, random_curves,
                                                          randomised)
@@ -232,6 +250,7 @@ def explain_test_set(
 def targets(metrics: dict[str, Any], params: ExplainParams) -> dict[str, bool | None]:
     """The issue's targets, checked: Grad-CAM localisation and randomisation of Grad-CAM and IG."""
     checks: dict[str, bool | None] = {}
+    metrics = {method: values for method, values in metrics.items() if not (isinstance(values, dict) and values.get("available") is False)}
     if "gradcam" in metrics:
         worst = metrics["gradcam"]["worst_relevance_mass_accuracy"]
         checks["gradcam_relevance_mass_accuracy"] = None if worst is None else worst >= params.rma_target
@@ -261,9 +280,9 @@ def log_to_training_run(run_id: str, tracking_uri: str, metrics: dict[str, Any])
 
     with open_run(run_id, tracking_uri):
         mlflow.log_metrics(numeric_metrics(metrics))
-        mlflow.log_artifacts(str(FIGURES_DIR), artifact_path="explain/figures")
-        mlflow.log_artifact(str(METRICS_FILE), artifact_path="explain")
-        mlflow.log_artifact(str(MAPS_FILE), artifact_path="explain")
+        mlflow.log_artifacts(str(EXPLAIN_FIGURES_DIR), artifact_path="explain/figures")
+        mlflow.log_artifact(str(EXPLAIN_METRICS_FILE), artifact_path="explain")
+        mlflow.log_artifact(str(EXPLAIN_MAPS_FILE), artifact_path="explain")
 
 
 def check_params(params: ExplainParams) -> None:
@@ -288,12 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     test = faces_to_explain(load_dataset(DATA_DIR), load_prepared(PREPARED_DIR), spec.attributes)
     with tempfile.TemporaryDirectory() as staging:
         metrics, raw = explain_test_set(net, spec, test, params, Path(staging), progress=True)
-        replace_dir_atomic(FIGURES_DIR, lambda folder: shutil.copytree(staging, folder, dirs_exist_ok=True))
-    write_atomic(MAPS_FILE, lambda tmp: save_npz(tmp, raw))
-    write_json_atomic({"explain": metrics}, METRICS_FILE)
+        replace_dir_atomic(EXPLAIN_FIGURES_DIR, lambda folder: shutil.copytree(staging, folder, dirs_exist_ok=True))
+    write_atomic(EXPLAIN_MAPS_FILE, lambda tmp: save_npz(tmp, raw))
+    write_json_atomic({"explain": metrics}, EXPLAIN_METRICS_FILE)
     log_to_training_run(run.run_id, run.tracking_uri, metrics)
+    if "localisation" in metrics:
+        print(f"explain: localisation {metrics['localisation']}; faithfulness and sanity checks run")
     summary = ", ".join(f"{k}={v}" for k, v in metrics["targets"].items())
-    print(f"explain: {len(test.ids)} test faces, methods {params.methods} -> {FIGURES_DIR}, {METRICS_FILE} ({summary})")
+    print(f"explain: {len(test.ids)} test faces, methods {params.methods} -> {EXPLAIN_FIGURES_DIR}, {EXPLAIN_METRICS_FILE} ({summary})")
     return 0
 
 

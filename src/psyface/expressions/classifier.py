@@ -15,16 +15,18 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 from torch import nn
 
+from psyface.config import NonNegativeFloat, PositiveFloat, PositiveInt
+
 
 @dataclass(frozen=True)
 class TrainingParams:
     """How each binary classifier is trained (params.yaml `expressions.training`)."""
 
-    hidden: int = 64
-    epochs: int = 300
-    batch_size: int = 1024  # >= the training set: full-batch Adam, fastest on a few thousand faces
-    learning_rate: float = 0.01
-    weight_decay: float = 0.03  # strong L2: with ~1k faces the MLP otherwise fits identity noise
+    hidden: PositiveInt = 64
+    epochs: PositiveInt = 300
+    batch_size: PositiveInt = 1024  # >= the training set: full-batch Adam, fastest on a few thousand faces
+    learning_rate: PositiveFloat = 0.01
+    weight_decay: NonNegativeFloat = 0.03  # strong L2: with ~1k faces the MLP otherwise fits identity noise
 
 
 class LandmarkClassifier(nn.Module):

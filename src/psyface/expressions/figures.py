@@ -9,11 +9,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 if TYPE_CHECKING:
-    from psyface.expressions.stage import ExpressionResult
-    from psyface.landmarks import NormalisedLandmarks
+    from psyface.artifacts import NormalisedLandmarks
+    from psyface.expressions.reduction import ExpressionResult
 
 
 def plot_curves(results: list[ExpressionResult], path: Path) -> None:

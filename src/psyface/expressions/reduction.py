@@ -67,3 +67,20 @@ def choose_step(steps: list[ReductionStep], loss: str, tolerance: float) -> int:
     ceiling = steps[0].fitted.scores[loss] + tolerance
     eligible = [i for i, step in enumerate(steps) if step.fitted.scores[loss] <= ceiling]
     return min(eligible, key=lambda i: (steps[i].n_landmarks, i))
+
+
+@dataclass(frozen=True)
+class ExpressionResult:
+    """One expression's reduction path and the step chosen as its reduced landmark set."""
+
+    expression: str
+    steps: list[ReductionStep]
+    chosen: int
+
+    @property
+    def full(self) -> ReductionStep:
+        return self.steps[0]
+
+    @property
+    def reduced(self) -> ReductionStep:
+        return self.steps[self.chosen]

@@ -16,7 +16,7 @@ import pandas as pd
 from torch import nn
 
 from psyface.expressions.classifier import predict_proba
-from psyface.landmarks import coordinate_columns, flatten, normalise_shapes
+from psyface.shapes import coordinate_columns, flatten, normalise_shapes
 
 
 def feature_columns(kept: np.ndarray) -> np.ndarray:

@@ -22,7 +22,16 @@ import torch
 from tqdm import tqdm
 
 import psyface
-from psyface.config import load_section
+from psyface import tracking
+from psyface.artifacts import (
+    NORMALISED_LANDMARKS_FILE,
+    NOT_AVAILABLE,
+    SPLITS,
+    NormalisedLandmarks,
+    missing_landmarks,
+    write_placeholder_png,
+)
+from psyface.config import NonNegativeFloat, NonNegativeInt, PositiveInt, load_section
 from psyface.dataset.layout import DATA_DIR, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.expressions.classifier import (
@@ -33,14 +42,26 @@ from psyface.expressions.classifier import (
     train_classifier,
 )
 from psyface.expressions.figures import plot_curves, plot_kept_landmarks
-from psyface.expressions.reduction import Fitted, ReductionStep, choose_step, count_steps, reduce_landmarks
+from psyface.expressions.reduction import (
+    ExpressionResult,
+    Fitted,
+    choose_step,
+    count_steps,
+    reduce_landmarks,
+)
 from psyface.expressions.relevance import Baseline, baselines_for, landmark_relevance
-from psyface.expressions.served import ExpressionClassifier, LandmarkExpressionModel, feature_columns
-from psyface.io import replace_dir_atomic, write_atomic, write_csv_atomic, write_json_atomic
-from psyface.landmarks import OUT_FILE as NORMALISED_FILE
-from psyface.landmarks import NormalisedLandmarks, coordinate_columns, flatten
-from psyface import tracking
-from psyface.split import SPLITS
+from psyface.expressions.served import (
+    ExpressionClassifier,
+    LandmarkExpressionModel,
+    feature_columns,
+)
+from psyface.io import (
+    replace_dir_atomic,
+    write_atomic,
+    write_csv_atomic,
+    write_json_atomic,
+)
+from psyface.shapes import coordinate_columns, flatten
 
 REPORT_DIR = Path("reports/landmarks")
 
@@ -50,15 +71,17 @@ class ExpressionsParams:
     """params.yaml `expressions:`. `regions` maps each expression to the dataset.yaml landmark
     regions that express it (the ground truth the kept landmarks are scored against)."""
 
-    seed: int = 0
+    seed: NonNegativeInt = 0
     training: TrainingParams = field(default_factory=TrainingParams)
     baseline: Baseline = "other_class"
-    ig_steps: int = 32
+    ig_steps: PositiveInt = 32
     ig_split: Literal["val", "test"] = "test"
-    drop_per_step: int = 1
-    min_landmarks: int = 4
-    tolerance: float = 0.01  # reduced set: fewest landmarks with val log loss <= full + tolerance (nats)
-    regions: dict[str, list[str]] = field(default_factory=dict)
+    drop_per_step: PositiveInt = 1
+    min_landmarks: PositiveInt = 4
+    tolerance: NonNegativeFloat = 0.01  # reduced set: fewest landmarks with val log loss <= full + tolerance (nats)
+    regions: dict[str, list[str]] = field(default_factory=lambda: {
+        "neutral": ["mouth", "brows", "eyes"], "happy": ["mouth"], "sad": ["mouth", "brows"],
+        "surprised": ["mouth", "brows", "eyes"], "angry": ["brows", "mouth"]})
     experiment: str = "psyface-landmarks"
     registered_model: str = "psyface-landmark-expressions"
 
@@ -75,25 +98,10 @@ class SplitData:
         features = flatten(data.points.astype(np.float64))
         missing = [s for s in SPLITS if not (data.split == s).any()]
         if missing:
-            raise PsyfaceError(f"{NORMALISED_FILE}: no faces in split(s) {missing}")
+            raise PsyfaceError(f"{NORMALISED_LANDMARKS_FILE}: no faces in split(s) {missing}")
         return cls(
             {s: features[data.split == s] for s in SPLITS}, {s: data.labels[data.split == s] for s in SPLITS}
         )
-
-
-@dataclass(frozen=True)
-class ExpressionResult:
-    expression: str
-    steps: list[ReductionStep]
-    chosen: int
-
-    @property
-    def full(self) -> ReductionStep:
-        return self.steps[0]
-
-    @property
-    def reduced(self) -> ReductionStep:
-        return self.steps[self.chosen]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +320,20 @@ def track(
     return {"run_id": parent.info.run_id, "registered_model": params.registered_model, "versions": versions}
 
 
+def write_not_available(reason: str) -> None:
+    """The outputs dvc.yaml declares, each saying the stage could not run and why."""
+    note = {"status": NOT_AVAILABLE, "reason": reason}
+    replace_dir_atomic(REPORT_DIR / "curves",
+                       lambda folder: pd.DataFrame(columns=["n_landmarks", "test_accuracy"]).to_csv(
+                           folder / "not_available.csv", index=False))
+    write_csv_atomic(pd.DataFrame([note]), REPORT_DIR / "ranking.csv")
+    write_json_atomic({"title": "Landmark-based expression classifiers (Di Luzio et al.)", **note},
+                      REPORT_DIR / "summary.json")
+    write_json_atomic({"expressions": note}, REPORT_DIR / "metrics.json")
+    for name in ("accuracy_vs_landmarks.png", "kept_landmarks.png"):
+        write_placeholder_png(REPORT_DIR / name, reason)
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="psyface expressions", description=__doc__.splitlines()[0])
@@ -319,10 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_section("expressions", ExpressionsParams)
     spec = load_dataset(DATA_DIR)
-    if spec.landmarks is None:
-        raise PsyfaceError(f"dataset {spec.name!r} declares no landmarks (dataset.yaml `landmarks:`)")
+    reason = missing_landmarks(spec)
+    if reason:
+        write_not_available(reason)
+        print(f"expressions: skipped, {reason}; {REPORT_DIR}/ says '{NOT_AVAILABLE}'")
+        return 0
+    assert spec.landmarks is not None
     landmark_regions = spec.landmarks.regions
-    data = NormalisedLandmarks.load(NORMALISED_FILE)
+    data = NormalisedLandmarks.load(NORMALISED_LANDMARKS_FILE)
     classes = data.label_names.tolist()
     check_regions(params, classes, landmark_regions)
     splits = SplitData.from_landmarks(data)

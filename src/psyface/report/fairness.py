@@ -7,8 +7,14 @@ For each attribute and each sensitive feature (or declared intersection of featu
 - the binarised view (rating above the training median): base rate, selection rate, true/false
   positive rates, demographic parity and equalized odds differences — for the model and for the
   raters themselves;
-- signed gaps of each group against the reference group (the first declared category): in ratings
-  (the raters' bias), in predictions (the model's) and their difference, the bias amplification.
+- signed gaps of each group against the reference group (configurable per feature set; by default
+  the largest group, so gaps are measured from the best-estimated mean): in ratings (the raters'
+  bias), in predictions (the model's) and their difference, the bias amplification.
+
+Groups with fewer than `FlagRule.min_group_size` audited faces (and every comparison with a reference
+that small) are reported with their numbers but never flagged: a handful of faces gives intervals
+too wide to mean anything, and flagging them like large groups misleads. They are also left out of
+the Bonferroni count. Intersections follow the same rule.
 
 Confidence intervals come from one bootstrap per feature set that resamples whole identities
 within each group, vectorised as replicate weights (percentile intervals for the per-group table,
@@ -43,6 +49,9 @@ from fairlearn.metrics import (
 )
 from tqdm import tqdm
 
+from psyface.errors import PsyfaceError
+from psyface.metrics import pearson_columns
+
 GROUP_SEPARATOR = " & "
 GAP_KINDS = ("rating_gap", "prediction_gap", "amplification")
 CI_METRICS = ("mean_rating", "mean_prediction", "mae", "pearson_r")
@@ -55,6 +64,7 @@ class FlagRule:
     ci: float = 0.95
     min_abs_gap_sd: float = 0.2
     familywise: bool = True
+    min_group_size: int = 20  # smaller groups are reported, never flagged
 
     def flag_ci(self, comparisons: int) -> float:
         """The CI level used for flags: Bonferroni over `comparisons` when `familywise`."""
@@ -68,7 +78,7 @@ class AuditData:
     ratings: pd.DataFrame  # one column per attribute
     predictions: pd.DataFrame  # same columns, model predictions on the rating scale
     sensitive: pd.DataFrame  # one column per sensitive feature, values = categories
-    categories: dict[str, list[str]]  # declared order; the first category is the reference
+    categories: dict[str, list[str]]  # declared order (breaks ties between equally large reference candidates)
     medians: dict[str, float]  # training-split median per attribute, the binarisation threshold
     clusters: pd.Series | None = None  # e.g. identity: images resampled together in the bootstrap
 
@@ -82,10 +92,7 @@ class AuditResult:
 
 def pearson_r(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Pearson correlation; NaN when either side is constant (no correlation is defined)."""
-    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
-    if len(y_true) < 2 or y_true.std() == 0 or y_pred.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(y_true, y_pred)[0, 1])
+    return float(pearson_columns(y_pred, y_true)[0])
 
 
 def _mean_rating(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -124,14 +131,27 @@ def group_labels(sensitive: pd.DataFrame, features: list[str]) -> pd.Series:
     return sensitive[features].astype(str).agg(GROUP_SEPARATOR.join, axis=1)
 
 
-def reference_group(categories: dict[str, list[str]], features: list[str], present: Iterable[str]) -> str:
-    """The first declared category (combination) that occurs in the data: gaps are measured from it."""
-    present = set(present)
-    for combination in itertools.product(*(categories[feature] for feature in features)):
-        label = GROUP_SEPARATOR.join(combination)
-        if label in present:
-            return label
-    raise ValueError(f"no declared category of {features} occurs in the audited data")
+def reference_group(categories: dict[str, list[str]], features: list[str], labels: pd.Series,
+                    configured: str | None = None) -> str:
+    """The group gaps are measured from: `configured` when given (it must occur in `labels`), else
+    the largest group, ties broken by the declared category order."""
+    counts = labels.value_counts()
+    if configured is not None:
+        if configured not in counts.index:
+            raise PsyfaceError(f"params.yaml report.fairness.reference.{GROUP_SEPARATOR.join(features)}: "
+                               f"{configured!r} is not a group of the audited faces; groups: {sorted(counts.index)}")
+        return configured
+    declared = [GROUP_SEPARATOR.join(c) for c in itertools.product(*(categories[feature] for feature in features))]
+    present = [label for label in declared if label in counts.index]
+    if not present:
+        raise PsyfaceError(f"no declared category of {features} occurs in the audited data")
+    return max(present, key=lambda label: counts[label])  # max keeps the first of equals
+
+
+def small_groups(labels: pd.Series, min_size: int) -> dict[str, int]:
+    """Groups below `min_size` with their sizes (reported, never flagged)."""
+    counts = labels.value_counts()
+    return {str(group): int(n) for group, n in counts.items() if n < min_size}
 
 
 def cluster_weights(labels: np.ndarray, clusters: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -242,8 +262,10 @@ def audit_table(
         table[f"{metric}_lo"], table[f"{metric}_hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
     table = table.join(binary.by_group)
     table.index.name = "group"
+    table["small_group"] = table["count"] < rule.min_group_size
 
-    summary: dict = {"attribute": attribute, "feature": name, "n": int(len(y_true))}
+    summary: dict = {"attribute": attribute, "feature": name, "n": int(len(y_true)), "reference": reference,
+                     "small_groups": small_groups(labels, rule.min_group_size)}
     difference = regression.difference()
     for metric in CI_METRICS:
         spread = np.stack([boot[group][metric] for group in point.index])
@@ -260,12 +282,22 @@ def audit_table(
     scale = float(np.std(y_true)) or 1.0
     gaps = signed_gaps(boot, point, reference, scale, flag_ci)
     for row in gaps:
+        row["small_group"] = min(row["n_group"], row["n_reference"]) < rule.min_group_size
         for kind in GAP_KINDS:
-            row[f"{kind}_flag"] = flag(row[f"{kind}_sd"], row[f"{kind}_sd_lo"], row[f"{kind}_sd_hi"], rule)
+            row[f"{kind}_flag"] = not row["small_group"] and flag(row[f"{kind}_sd"], row[f"{kind}_sd_lo"],
+                                                                  row[f"{kind}_sd_hi"], rule)
     for kind in GAP_KINDS:
         summary[f"{kind}_flag"] = any(row[f"{kind}_flag"] for row in gaps)
     summary["flagged"] = any(summary[f"{kind}_flag"] for kind in GAP_KINDS)
     return table.reset_index(), summary, gaps
+
+
+def flaggable(labels: pd.Series, reference: str, min_size: int) -> int:
+    """Comparisons against `reference` that can be flagged (both groups at least `min_size`)."""
+    counts = labels.value_counts()
+    if counts[reference] < min_size:
+        return 0
+    return int((counts.drop(reference) >= min_size).sum())
 
 
 def audit(
@@ -275,14 +307,23 @@ def audit(
     n_boot: int,
     seed: int,
     progress: bool = True,
+    references: dict[str, str] | None = None,
 ) -> AuditResult:
-    """The whole audit: every attribute × feature set; one seeded identity bootstrap per feature set."""
+    """The whole audit: every attribute × feature set; one seeded identity bootstrap per feature set.
+    `references` names the reference group per feature set ("group", "group & gender"); the others
+    use their largest group."""
     rng = np.random.default_rng(seed)
     clusters = (data.clusters if data.clusters is not None else pd.Series(range(len(data.ratings)))).to_numpy()
     combos = {GROUP_SEPARATOR.join(combo): combo for combo in features}
+    unknown = sorted(set(references or {}) - set(combos))
+    if unknown:
+        raise PsyfaceError(f"params.yaml report.fairness.reference names {unknown}, which are not audited feature "
+                           f"sets; known: {list(combos)}")
     labels = {name: group_labels(data.sensitive, combo) for name, combo in combos.items()}
-    references = {name: reference_group(data.categories, combo, labels[name]) for name, combo in combos.items()}
-    comparisons = len(data.ratings.columns) * sum(values.nunique() - 1 for values in labels.values())
+    references = {name: reference_group(data.categories, combo, labels[name], (references or {}).get(name))
+                  for name, combo in combos.items()}
+    comparisons = len(data.ratings.columns) * sum(flaggable(labels[name], references[name], rule.min_group_size)
+                                                  for name in combos)
     flag_ci = rule.flag_ci(comparisons)
     weights = {name: cluster_weights(values.to_numpy(), clusters, n_boot, rng) for name, values in labels.items()}
     group_tables, summary_rows, gap_rows = [], [], []
@@ -294,6 +335,10 @@ def audit(
         summary_rows.append(summary)
         gap_rows.extend({"attribute": attribute, "feature": name} | row for row in gaps)
     lead = ["attribute", "feature"]
+    if not group_tables:  # no sensitive feature declared: nothing to audit
+        return AuditResult(groups=pd.DataFrame(columns=[*lead, "group"]), summary=pd.DataFrame(columns=[*lead, "flagged"]),
+                           gaps=pd.DataFrame(columns=[*lead, "group", "reference", "small_group",
+                                                      *(f"{kind}_flag" for kind in GAP_KINDS)]))
     groups = pd.concat(group_tables, ignore_index=True)
     return AuditResult(
         groups=groups[lead + [column for column in groups.columns if column not in lead]],

@@ -9,9 +9,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 PANEL_INCHES = 3.2
 
@@ -87,6 +87,10 @@ def accuracy_against_ceiling(table: pd.DataFrame) -> bytes:
     figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(table)), 3.2))
     positions = np.arange(len(table))
     axis.bar(positions, table["pearson_r"], color="C0", label="test Pearson r")
+    if "pearson_r_ci_low" in table and table["pearson_r_ci_low"].notna().all():  # metrics from before the intervals lack them
+        below, above = table["pearson_r"] - table["pearson_r_ci_low"], table["pearson_r_ci_high"] - table["pearson_r"]
+        axis.errorbar(positions, table["pearson_r"], yerr=[below, above], fmt="none", ecolor="black", capsize=3,
+                      label="95 % interval (identities resampled)")
     axis.scatter(positions, table["ceiling"], marker="_", s=900, color="C3", label="reliability ceiling")
     axis.set_xticks(positions, table["attribute"], rotation=30, ha="right")
     axis.set_ylim(min(0.0, float(table["pearson_r"].min())) - 0.05, 1.05)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import typing
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import mlflow
 import numpy as np
@@ -23,54 +24,69 @@ import torch
 from tqdm import tqdm
 
 from psyface import tracking
-from psyface.config import load_section
+from psyface.artifacts import (
+    EVALUATE_METRICS_FILE,
+    EXPLAIN_FIGURES_DIR,
+    EXPLAIN_METRICS_FILE,
+    HISTORY_FILE,
+    PREPARED_DIR,
+    VALIDATION_SUMMARY_FILE,
+    load_prepared,
+)
+from psyface.config import (
+    Bound,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitFloat,
+    PositiveFloat,
+    PositiveInt,
+    load_section,
+)
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
-from psyface.explain.stage import FIGURES_DIR as EXPLAIN_FIGURES
-from psyface.explain.stage import METRICS_FILE as EXPLAIN_METRICS
-from psyface.io import read_csv_checked, replace_dir_atomic, write_atomic
+from psyface.io import json_text, read_csv_checked, replace_dir_atomic, write_atomic
 from psyface.model import AttributeNet, ModelSpec, predict_ratings
-from psyface.prepare import PREPARED_DIR, load_prepared
 from psyface.report import fairness, html, manifold, plots
-from psyface.train import HISTORY_FILE
 
-EVALUATE_METRICS = Path("reports/metrics.json")
-VALIDATION_SUMMARY = Path("reports/validation/summary.json")
 REPORT_HTML = Path("reports/index.html")
 MANIFOLD_DIR = Path("reports/manifold")
 FAIRNESS_DIR = Path("reports/fairness")
 REPORT_METRICS = Path("reports/report_metrics.json")
-FEATURE_SETS = ("penultimate", "predictions")
+FeatureSet = Literal["penultimate", "predictions"]
+FEATURE_SETS: tuple[FeatureSet, ...] = typing.get_args(FeatureSet)
+Split = Literal["train", "val", "test"]
 
 
 @dataclass(frozen=True)
 class ManifoldParams:
-    feature_sets: list[str] = field(default_factory=lambda: list(FEATURE_SETS))
-    methods: list[str] = field(default_factory=lambda: ["tsne", "umap"])
-    tsne_perplexity: float = 30.0
-    tsne_max_iter: int = 500
-    umap_n_neighbors: int = 40  # Xiao (2024)
-    umap_min_dist: float = 0.1  # Xiao (2024)
-    pca_components: int = 50
-    trustworthiness_k: int = 10
-    knn_k: int = 30
-    cv_folds: int = 5
-    score_splits: list[str] = field(default_factory=lambda: ["val", "test"])  # held-out faces only
+    feature_sets: list[FeatureSet] = field(default_factory=lambda: list(FEATURE_SETS))
+    methods: list[Literal["tsne", "umap"]] = field(default_factory=lambda: ["tsne", "umap"])
+    tsne_perplexity: PositiveFloat = 30.0
+    tsne_max_iter: Annotated[int, Bound(250)] = 500  # scikit-learn's minimum
+    umap_n_neighbors: Annotated[int, Bound(2)] = 40  # Xiao (2024)
+    umap_min_dist: NonNegativeFloat = 0.1  # Xiao (2024)
+    pca_components: PositiveInt = 50
+    trustworthiness_k: PositiveInt = 10
+    knn_k: PositiveInt = 30
+    cv_folds: Annotated[int, Bound(2)] = 5
+    score_splits: list[Split] = field(default_factory=lambda: ["val", "test"])  # held-out faces only
 
 
 @dataclass(frozen=True)
 class FairnessParams:
-    splits: list[str] = field(default_factory=lambda: ["val", "test"])
-    n_boot: int = 500
-    ci: float = 0.95
-    min_abs_gap_sd: float = 0.2
+    splits: list[Split] = field(default_factory=lambda: ["val", "test"])
+    n_boot: PositiveInt = 500
+    ci: OpenUnitFloat = 0.95
+    min_abs_gap_sd: NonNegativeFloat = 0.2
     familywise: bool = True
+    min_group_size: PositiveInt = 20  # smaller groups (val+test faces) are reported with their numbers, never flagged
+    reference: dict[str, str] = field(default_factory=dict)  # feature set -> reference group; absent: the largest
 
 
 @dataclass(frozen=True)
 class ReportParams:
-    seed: int = 42
-    batch_size: int = 64
+    seed: NonNegativeInt = 42
+    batch_size: PositiveInt = 64
     manifold: ManifoldParams = field(default_factory=ManifoldParams)
     fairness: FairnessParams = field(default_factory=FairnessParams)
 
@@ -159,13 +175,17 @@ def manifold_table(numbers: dict[str, dict]) -> pd.DataFrame:
 
 
 def accuracy_table(evaluate_metrics: dict, attributes: list[str]) -> pd.DataFrame:
-    """evaluate's test Pearson r per attribute next to its reliability ceiling."""
+    """evaluate's test Pearson r per attribute with its 95 % grouped bootstrap interval, next to its
+    reliability ceiling, and the cross-validated mean ± SD over folds where `split.folds` was set."""
     test = evaluate_metrics.get("evaluate", {}).get("test", {})
+    cv = evaluate_metrics.get("evaluate", {}).get("cv", {})
     missing = [name for name in attributes if name not in test]
     if missing:
-        raise PsyfaceError(f"{EVALUATE_METRICS} has no evaluate.test metrics for {missing}: rerun `dvc repro evaluate`")
+        raise PsyfaceError(f"{EVALUATE_METRICS_FILE} has no evaluate.test metrics for {missing}: rerun `dvc repro evaluate`")
+    keys = ("pearson_r", "pearson_r_ci_low", "pearson_r_ci_high", "ceiling", "r_over_ceiling")
     return pd.DataFrame([
-        {"attribute": name, **{key: test[name].get(key) for key in ("pearson_r", "ceiling", "r_over_ceiling")}}
+        {"attribute": name, **{key: test[name].get(key) for key in keys},
+         **({f"cv_{key}": cv[name][key] for key in ("pearson_r_mean", "pearson_r_sd")} if name in cv else {})}
         for name in attributes
     ])
 
@@ -196,6 +216,7 @@ def report_metrics(numbers: dict[str, dict], audit: fairness.AuditResult) -> dic
     gaps = audit.gaps
     per_attribute = {}
     for attribute, rows in gaps.groupby("attribute", sort=False):
+        rows = rows[~rows["small_group"].astype(bool)]
         per_attribute[attribute] = {
             **{f"{kind}_flags": int(rows[f"{kind}_flag"].sum()) for kind in fairness.GAP_KINDS},
             "max_abs_rating_gap_sd": float(rows["rating_gap_sd"].abs().max()),
@@ -217,6 +238,28 @@ def report_metrics(numbers: dict[str, dict], audit: fairness.AuditResult) -> dic
 # ---------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------
+
+NOT_AVAILABLE = "not available"
+NO_SENSITIVE = "dataset.yaml declares no sensitive features"
+
+
+def not_computed(spec: DatasetSpec, attributes: list[str], explain_metrics: dict) -> list[str]:
+    """What this dataset did not allow, said once at the top of the report."""
+    items = []
+    unknown = [name for name in attributes if name not in spec.reliability]
+    if unknown:
+        items.append(f"reliability ceiling and r / ceiling for {', '.join(unknown)} (no reliability in dataset.yaml: "
+                     "import with --ratings-long or --reliability)")
+    localisation = explain_metrics.get("explain", {}).get("localisation")
+    if isinstance(localisation, str):
+        items.append(f"explanation localisation, {localisation} (faithfulness and sanity checks ran)")
+    if not spec.has_landmarks:
+        items.append("the landmark expression branch (dataset.yaml declares no landmarks; reports/landmarks/ says "
+                     f"'{NOT_AVAILABLE}')")
+    if not spec.sensitive_features:
+        items.append(f"the bias audit ({NO_SENSITIVE})")
+    return items
+
 
 def data_summary(table: pd.DataFrame, spec: DatasetSpec, attributes: list[str]) -> list[html.Table]:
     counts = table["split"].value_counts().rename_axis("split").reset_index(name="images")
@@ -240,8 +283,10 @@ def explanation_figures(folder: Path) -> list[html.Figure]:
 
 
 def fairness_tables(audit: fairness.AuditResult) -> list[html.Table]:
+    if audit.groups.empty:
+        return [html.Table("Bias audit", pd.DataFrame({"result": [f"{NOT_AVAILABLE}: {NO_SENSITIVE}"]}))]
     flags = pd.DataFrame(fairness.flagged_pairs(audit))
-    gap_columns = ["attribute", "feature", "group", "reference", "n_group", "n_reference", "ci_level"] + [
+    gap_columns = ["attribute", "feature", "group", "reference", "n_group", "n_reference", "small_group", "ci_level"] + [
         column for kind in fairness.GAP_KINDS for column in (f"{kind}_sd", f"{kind}_sd_lo", f"{kind}_sd_hi", f"{kind}_flag")
     ]
     gaps = audit.gaps[gap_columns].assign(flagged=audit.gaps[[f"{k}_flag" for k in fairness.GAP_KINDS]].any(axis=1))
@@ -261,16 +306,20 @@ def build_page(
     audit: fairness.AuditResult, params: ReportParams, lineage: dict[str, str],
 ) -> html.ReportContent:
     rule = params.fairness
+    references = {row["feature"]: row["reference"] for row in audit.summary.to_dict("records")}
+    small = {row["feature"]: row["small_groups"] for row in audit.summary.to_dict("records") if row["small_groups"]}
     content = html.ReportContent(
         title=f"psyface report — {spec.name}",
         generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
     content.summaries["data"] = [f"{len(table)} rated faces, {len(attributes)} attributes; "
-                                 f"sensitive features: {', '.join(spec.sensitive_features) or 'none'}."]
+                                 f"sensitive features: {', '.join(spec.sensitive_features) or 'none'}.",
+                                 *(f"Not computed: {item}." for item in not_computed(spec, attributes, explain_metrics))]
     content.tables["data"] = [*data_summary(table, spec, attributes), html.key_value_table("Validation outcome", validation)]
     content.figures["training"] = [html.Figure("Learning curves", plots.learning_curves(curves),
                                                f"{len(curves)} epochs; validation r per attribute")]
     content.figures["accuracy"] = [html.Figure("Test Pearson r per attribute", plots.accuracy_against_ceiling(accuracy),
+                                               "bars: 95 % bootstrap interval over identities; "
                                                "ceiling = sqrt(split-half reliability of the mean ratings)")]
     content.tables["accuracy"] = [html.Table("Accuracy", accuracy)]
     content.figures["explanations"] = explain_figures
@@ -291,7 +340,11 @@ def build_page(
         "model's, amplification = prediction gap − rating gap (does the model widen the raters' bias?). "
         "Binarised view: rating above the training median. A rating gap is rater bias or a real "
         "difference between the groups' faces (as for age across age bands); the audit shows where, "
-        "knowledge of the data says which."
+        "knowledge of the data says which.",
+        f"Reference group: the largest group of each feature set unless report.fairness.reference names one "
+        f"(used: {references or 'none'}). Groups with fewer than {rule.min_group_size} audited faces are listed with "
+        f"their numbers (small_group) but never flagged, nor counted in the Bonferroni correction: "
+        f"{small or 'none here'}.",
     ]
     content.tables["fairness"] = fairness_tables(audit)
     content.tables["lineage"] = [html.key_value_table("Lineage", lineage)]
@@ -323,22 +376,6 @@ def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda staging: staging.write_text(text, encoding="utf-8"))
 
 
-def to_json(data: Any) -> str:
-    """JSON that every reader accepts: NaN becomes null, numpy scalars become numbers."""
-    def clean(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(key): clean(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
-            return [clean(item) for item in value]
-        if isinstance(value, np.generic):
-            value = value.item()
-        if isinstance(value, float) and not np.isfinite(value):
-            return None
-        return value
-
-    return json.dumps(clean(data), indent=2, allow_nan=False) + "\n"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="psyface report", description=__doc__.split("\n\n")[0])
     return parser.parse_args(argv)
@@ -348,9 +385,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     parse_args(argv)
     params = load_section("report", ReportParams)
-    unknown = sorted(set(params.manifold.feature_sets) - set(FEATURE_SETS))
-    if unknown:
-        raise PsyfaceError(f"params.yaml report.manifold.feature_sets: unknown {unknown}; known: {list(FEATURE_SETS)}")
     spec = load_dataset(DATA_DIR)
     prepared = load_prepared()
     images, table = prepared.images, prepared.table
@@ -362,24 +396,26 @@ def main(argv: list[str] | None = None) -> int:
     predictions = pd.DataFrame(predicted, columns=attributes)
     result = manifold_view({"penultimate": features, "predictions": predicted}, table, spec, attributes,
                            params.manifold, params.seed)
-    rule = fairness.FlagRule(params.fairness.ci, params.fairness.min_abs_gap_sd, params.fairness.familywise)
+    rule = fairness.FlagRule(params.fairness.ci, params.fairness.min_abs_gap_sd, params.fairness.familywise,
+                             params.fairness.min_group_size)
     audit = fairness.audit(
         audit_data(table, predictions, spec, attributes, params.fairness.splits),
         fairness.feature_sets(spec.sensitive_features, spec.intersections), rule, params.fairness.n_boot, params.seed,
+        references=params.fairness.reference,
     )
     curves = read_csv_checked(HISTORY_FILE)
-    accuracy = accuracy_table(read_json(EVALUATE_METRICS), attributes)
+    accuracy = accuracy_table(read_json(EVALUATE_METRICS_FILE), attributes)
     champion = tracking.alias_version(run.model_name, tracking.CHAMPION)
     lineage = {**tracking.git_tags(), "data.md5": tracking.data_hash(), **asdict(run),
                "champion_version": champion.version if champion else "none"}
-    content = build_page(spec, table, attributes, read_json(VALIDATION_SUMMARY), curves, accuracy,
-                         read_json(EXPLAIN_METRICS), explanation_figures(EXPLAIN_FIGURES), result, audit,
+    content = build_page(spec, table, attributes, read_json(VALIDATION_SUMMARY_FILE), curves, accuracy,
+                         read_json(EXPLAIN_METRICS_FILE), explanation_figures(EXPLAIN_FIGURES_DIR), result, audit,
                          params, lineage)
     metrics = report_metrics(result.numbers, audit)
 
     write_files(MANIFOLD_DIR, {
         "coordinates.csv": result.coordinates.to_csv(index=False),
-        "numbers.json": to_json(result.numbers),
+        "numbers.json": json_text(result.numbers),
         **{f"{figure.title.replace(' ', '_')}.png": figure.png for figure in result.figures},
     })
     write_files(FAIRNESS_DIR, {
@@ -388,12 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         "groups.csv": audit.groups.to_csv(index=False),
         "summary.csv": audit.summary.to_csv(index=False),
         "gaps.csv": audit.gaps.to_csv(index=False),
-        "audit.json": to_json({"rule": asdict(rule), "n_boot": params.fairness.n_boot,
+        "audit.json": json_text({"rule": asdict(rule), "n_boot": params.fairness.n_boot,
                                "splits": params.fairness.splits, "flags": fairness.flagged_pairs(audit),
                                "summary": audit.summary.to_dict("records"), "gaps": audit.gaps.to_dict("records"),
                                "groups": audit.groups.to_dict("records")}),
     })
-    write_text(REPORT_METRICS, to_json(metrics))
+    write_text(REPORT_METRICS, json_text(metrics))
     write_text(REPORT_HTML, html.render(content))
 
     with tracking.open_run(run.run_id, run.tracking_uri):

@@ -1,22 +1,21 @@
 """Transfer learning from base tasks (Arbabzadah et al. 2016): base models, then a learning-curve sweep.
 
-`psyface transfer base COLUMN` trains the attribute network's architecture on one declared column of
-the dataset (a category -> cross-entropy classification, a numeric column -> regression), registers
-it as `{base_prefix}{COLUMN}` and moves `champion` under the evaluate stage's promotion rule.
-`psyface transfer sweep` trains the attributes on nested fractions of the training split, from
-scratch and from each base champion, over several seeds: one MLflow parent run, one nested run per
-cell, and `reports/transfer/` (table, summary, learning curve, metrics) answering "when does transfer
-pay, and from which base".
+`train_base` trains the attribute network's architecture on one declared column of the dataset (a
+category -> cross-entropy classification, a numeric column -> regression), registers it as
+`{base_prefix}{COLUMN}` and moves `champion` under the evaluate stage's promotion rule. `run_sweep`
+trains the attributes on nested fractions of the training split, from scratch and from each base
+champion, over several seeds: one MLflow parent run, one nested run per cell, and `reports/transfer/`
+(table, summary, learning curve, metrics) answering "when does transfer pay, and from which base".
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
@@ -24,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from psyface.config import load_section
+from psyface.artifacts import PREPARED_DIR, load_prepared
+from psyface.config import Bound, NonNegativeInt, PositiveInt
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
-from psyface.errors import PsyfaceError, entry_point
+from psyface.errors import PsyfaceError
 from psyface.io import write_csv_atomic, write_json_atomic
-from psyface.model import ModelSpec, build_model, freeze_blocks
-from psyface.prepare import PREPARED_DIR, load_prepared
+from psyface.model import ModelSpec, build_model, freeze_blocks, predict_standardised
 from psyface.train import (
     REGRESSION,
     Data,
@@ -39,9 +38,9 @@ from psyface.train import (
     initialise,
     pearson_per_column,
     png_bytes,
-    predict_standardised,
     split_data,
     split_hash,
+    standardised_splits,
     train_epochs,
 )
 
@@ -54,20 +53,20 @@ SCRATCH = "scratch"
 class TransferParams:
     """The `transfer:` section. `train` is the recipe of every network (bases and sweep cells)."""
 
-    bases: list[str] = field(default_factory=lambda: ["gender", "age_band", "expression"])
+    bases: list[str] = field(default_factory=lambda: ["gender", "expression"])
     base_prefix: str = "psyface-base-"
-    base_epochs: int = 4
-    min_steps: int = 0  # a sweep cell with fewer optimiser steps than this trains more epochs (small fractions)
-    image_size: int = 0  # train at this side (area-downsampled from the prepared array); 0: as prepared
+    base_epochs: PositiveInt = 10
+    min_steps: NonNegativeInt = 120  # a sweep cell with fewer optimiser steps than this trains more epochs (small fractions)
+    image_size: NonNegativeInt = 0  # train at this side (area-downsampled from the prepared array); 0: as prepared
     attributes: list[str] = field(default_factory=list)  # sweep targets; empty: every attribute not a base
-    fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    fractions: list[Annotated[float, Bound(0, 1, open_low=True)]] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    seeds: list[NonNegativeInt] = field(default_factory=lambda: [0, 1, 2])
     experiment: str = "psyface-transfer"
-    map_images: int = 64  # test faces explained by `maps`
+    map_images: PositiveInt = 64  # test faces explained by `maps`
     head_attribute: str = "trustworthy"  # binary (median) vs `head_classes` quantile-bin heads
-    head_classes: int = 4
-    train: TrainParams = field(default_factory=lambda: TrainParams(arch="vgg16_bn_narrow", epochs=3, batch_size=32,
-                                                                   lr=0.002, patience=3))
+    head_classes: Annotated[int, Bound(2)] = 4
+    train: TrainParams = field(default_factory=lambda: TrainParams(arch="vgg16_bn_narrow", epochs=8, batch_size=32,
+                                                                   lr=0.002, patience=8, freeze=0))
 
 
 @dataclass(frozen=True)
@@ -119,17 +118,9 @@ def task_data(table: pd.DataFrame, images: np.ndarray, task: BaseTask) -> tuple[
         numbers = values.astype(str).map({c: i for i, c in enumerate(task.classes)}).where(values.notna())
     else:
         numbers = pd.to_numeric(values, errors="coerce")
-    numbers = numbers.to_numpy(np.float64)
-    known = ~np.isnan(numbers)
-    train_rows = known & (table["split"] == "train").to_numpy()
-    mean, std = (0.0, 1.0) if task.classes else (float(numbers[train_rows].mean()), float(numbers[train_rows].std() or 1.0))
-    data = {}
-    for split in ("train", "val", "test"):
-        rows = known & (table["split"] == split).to_numpy()
-        if not rows.any():
-            raise PsyfaceError(f"base task {task.column!r}: no {split!r} rows with a value")
-        data[split] = Data(images[rows], ((numbers[rows] - mean) / std).astype(np.float32)[:, None])
-    return data, mean, std
+    data, mean, std = standardised_splits(images, numbers.to_numpy(np.float64)[:, None], table["split"].to_numpy(),
+                                          standardise=not task.classes, what=f"base task {task.column!r}")
+    return data, mean[0], std[0]
 
 
 def downsampled(images: np.ndarray, size: int) -> np.ndarray:
@@ -171,11 +162,11 @@ def _log_epoch(state: TrainState, score_name: str) -> None:
 
 def train_base(column: str, params: TransferParams) -> dict[str, object]:
     """Train, log, register the base model of `column`; promote it to champion if it beats the
-    current one (evaluate.decide); returns what `artifacts/transfer/base/COLUMN.json` records."""
+    current one (psyface.promotion); returns what `artifacts/transfer/base/COLUMN.json` records."""
     import mlflow
 
-    from psyface import tracking
-    from psyface.evaluate import MEAN_R_TAG, Score, decide, score_tag
+    from psyface import promotion, tracking
+    from psyface.promotion import Score
 
     torch.use_deterministic_algorithms(not torch.cuda.is_available())
     prepared, dataset = load_prepared(PREPARED_DIR), load_dataset(DATA_DIR)
@@ -185,7 +176,7 @@ def train_base(column: str, params: TransferParams) -> dict[str, object]:
     objective, score_name = (CLASSIFICATION, "accuracy") if task.classes else (REGRESSION, "pearson_r")
     recipe = dataclasses.replace(params.train, epochs=params.base_epochs, init="scratch", freeze=0)
     spec = ModelSpec(arch=recipe.arch, head=recipe.head, attributes=task.outputs, image_size=int(images.shape[1]),
-                     target_mean=[mean] * len(task.outputs), target_std=[std] * len(task.outputs))
+                     target_mean=[mean] * len(task.outputs), target_std=[std] * len(task.outputs), last_conv_stride=recipe.last_conv_stride)
     name = f"{params.base_prefix}{column}"
     tracking.use_tracking()
     tracking.ensure_experiment(params.experiment)
@@ -194,7 +185,7 @@ def train_base(column: str, params: TransferParams) -> dict[str, object]:
         mlflow.set_tags({**tracking.git_tags(), **here_hashes, "base_task": column, "task_kind": task.kind})
         mlflow.log_params(tracking.flatten({"transfer": {"train": dataclasses.asdict(recipe)}, "column": column}))
         torch.manual_seed(recipe.seed)
-        net = build_model(recipe.arch, recipe.head, len(task.outputs))
+        net = build_model(recipe.arch, recipe.head, len(task.outputs), recipe.last_conv_stride)
         fit(net, data["train"], data["val"], recipe, objective, on_epoch=lambda s: _log_epoch(s, score_name),
             label=f"base {column} ")
         score = test_score(net.cpu(), data["test"], objective, recipe.batch_size * 2)
@@ -203,17 +194,9 @@ def train_base(column: str, params: TransferParams) -> dict[str, object]:
         version = tracking.log_model(net, spec, name, example)
     tracking.set_alias(name, tracking.CANDIDATE, version.version)
     here = Score(score, here_hashes["data_hash"], here_hashes["split_hash"])
-    current = tracking.alias_version(name, tracking.CHAMPION)
-    champion = None
-    if current is not None and MEAN_R_TAG in current.tags:
-        champion = Score(float(current.tags[MEAN_R_TAG]), current.tags.get("data_hash", ""), current.tags.get("split_hash", ""))
-    promote, reason = decide(here if math.isfinite(score) else None, champion)
-    tracking.tag_version(name, version.version, {**here_hashes, MEAN_R_TAG: score_tag(score), "score_metric": score_name,
-                                                 "base_task": column, "run_id": run.info.run_id,
-                                                 "promotion.decision": "champion" if promote else "rejected",
-                                                 "promotion.reason": reason.replace("mean r", score_name)})
-    if promote:
-        tracking.set_alias(name, tracking.CHAMPION, version.version)
+    promote, reason = promotion.promote(name, version.version, here, eligible=math.isfinite(score), score_name=score_name,
+                                        tags={**here_hashes, "score_metric": score_name, "base_task": column,
+                                              "run_id": run.info.run_id})
     print(f"transfer base {column}: test {score_name} {score:.3f}; v{version.version} "
           f"{'-> champion' if promote else 'not promoted'} ({reason})")
     record = {"column": column, "kind": task.kind, "classes": task.classes, f"test_{score_name}": score,
@@ -254,7 +237,7 @@ def run_cell(data: dict[str, Data], subset: np.ndarray, recipe: TrainParams,
              attributes: list[str]) -> tuple[np.ndarray, dict[str, str], TrainState, torch.nn.Module]:
     """One sweep cell: build, initialise (`recipe.init`), freeze, fit on `subset` of train; test r per attribute."""
     torch.manual_seed(recipe.seed)
-    net = build_model(recipe.arch, recipe.head, len(attributes))
+    net = build_model(recipe.arch, recipe.head, len(attributes), recipe.last_conv_stride)
     tags = initialise(net, recipe, attributes)
     freeze_blocks(net, recipe.freeze)
     train = Data(data["train"].images[subset], data["train"].targets[subset])
@@ -301,7 +284,7 @@ def run_sweep(params: TransferParams) -> pd.DataFrame:
     tracking.use_tracking()
     tracking.ensure_experiment(params.experiment)
     rows = []
-    with mlflow.start_run(run_name="transfer-sweep") as parent:
+    with mlflow.start_run(run_name="transfer-sweep"):
         mlflow.set_tags({**tracking.git_tags(), "data_hash": tracking.data_hash(), "split_hash": split_hash(prepared.table)})
         mlflow.log_params(tracking.flatten({"transfer": dataclasses.asdict(params)}))
         for seed in params.seeds:
@@ -351,36 +334,6 @@ def write_report(table: pd.DataFrame, summary: pd.DataFrame, attributes: list[st
                               "gain_sd": None if best is None else float(best["gain_sd"])}}}
     for row in summary.itertuples():
         metrics["transfer"]["curve"][f"{row.fraction:g}"][row.init] = {
-            "mean_r": float(row.mean_r), "sd_r": None if math.isnan(row.sd_r) else float(row.sd_r),
+            "mean_r": float(row.mean_r), "sd_r": float(row.sd_r),
             "gain_vs_scratch": float(row.gain_vs_scratch)}
     write_json_atomic(metrics, REPORT_DIR / "metrics.json")
-
-
-@entry_point
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="psyface transfer", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    base = commands.add_parser("base", help="train and register the base model of one dataset column")
-    base.add_argument("column", help="a declared column: a sensitive feature, a label or an attribute")
-    commands.add_parser("sweep", help="the learning-curve sweep: fractions x inits x seeds, nested runs")
-    commands.add_parser("maps", help="LRP/Grad-CAM mean maps of bases and transferred models; binary vs k-class heads")
-    args = parser.parse_args(argv)
-    params = load_section("transfer", TransferParams)
-    if args.command == "base":
-        train_base(args.column, params)
-    elif args.command == "sweep":
-        print(summarise_text(run_sweep(params)))
-    else:
-        from psyface.transfer_maps import run_heads, run_maps
-
-        print(summarise_text(run_maps(params, params.map_images)))
-        print(summarise_text(run_heads(params, params.map_images)))
-    return 0
-
-
-def summarise_text(summary: pd.DataFrame) -> str:
-    return summary.to_string(index=False, float_format=lambda v: f"{v:.3f}")
-
-
-if __name__ == "__main__":
-    main()

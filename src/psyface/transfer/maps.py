@@ -17,16 +17,21 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from psyface.artifacts import PREPARED_DIR, load_prepared
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
+from psyface.errors import PsyfaceError
 from psyface.explain.figures import overlay, save_mosaic
 from psyface.explain.methods import attribute
-from psyface.explain.scores import defined_mean, mask_share, relevance, relevance_mass_accuracy
-from psyface.errors import PsyfaceError
+from psyface.explain.scores import (
+    defined_mean,
+    mask_share,
+    relevance,
+    relevance_mass_accuracy,
+)
 from psyface.io import write_csv_atomic, write_json_atomic
-from psyface.model import AttributeNet, build_model, to_input
-from psyface.prepare import PREPARED_DIR, load_prepared
-from psyface.train import Data, predict_standardised, split_data
-from psyface.transfer import (
+from psyface.model import AttributeNet, build_model, predict_standardised, to_input
+from psyface.train import Data, split_data
+from psyface.transfer.core import (
     CLASSIFICATION,
     REPORT_DIR,
     SCRATCH,
@@ -127,9 +132,8 @@ def run_maps(params: TransferParams, max_images: int = 64) -> pd.DataFrame:
         save_mosaic(REPORT_DIR / f"heatmaps_{method}.png", padded, list(models), ["mean", *attributes][:width],
                     f"{method}: mean |relevance| over {len(faces)} test faces (base models: all outputs)")
     write_csv_atomic(table, REPORT_DIR / "localisation.csv")
-    finite = table.astype(object).where(table.notna(), None)
     write_json_atomic({"transfer_maps": {"fraction": fraction, "seed": seed, "n_images": len(faces),
-                                         "rows": finite.to_dict(orient="records")}}, REPORT_DIR / "maps.json")
+                                         "rows": table.to_dict(orient="records")}}, REPORT_DIR / "maps.json")
     return table
 
 
@@ -166,7 +170,7 @@ def run_heads(params: TransferParams, max_images: int = 64) -> pd.DataFrame:
         data = {split: Data(images[prepared.split(split)], classes[prepared.split(split)][:, None].astype(np.float32))
                 for split in ("train", "val", "test")}
         torch.manual_seed(recipe.seed)
-        net = build_model(recipe.arch, recipe.head, n_classes)
+        net = build_model(recipe.arch, recipe.head, n_classes, recipe.last_conv_stride)
         fit(net, data["train"], data["val"], recipe, CLASSIFICATION, label=f"{name} {n_classes} classes ")
         net = net.cpu().eval()
         logits = predict_standardised(net, data["test"].images, 64, torch.device("cpu"), autocast=False)
