@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from conftest import SRC
 from psyface import server as server_module
 from psyface.errors import server_refusal
-from psyface.evaluate import MEAN_R_TAG
+from psyface.promotion import SCORE_TAG
 from psyface.run_safety import STALE_TAG
 from psyface.tracking import LOCK_SUFFIX
 from tests.workspace import make_workspace, tracking_env
@@ -244,7 +244,7 @@ def test_concurrent_trainings_and_evaluates_against_the_server(team, tmp_path, s
     assert sorted(run["model_version"] for run in runs) == ["1", "2"]
     for result in together("evaluate"):
         ok(result)
-    scores = {run["model_version"]: float(client.get_model_version("race-model", run["model_version"]).tags[MEAN_R_TAG])
+    scores = {run["model_version"]: float(client.get_model_version("race-model", run["model_version"]).tags[SCORE_TAG])
               for run in runs}
     champion = client.get_model_version_by_alias("race-model", "champion").version
     assert scores[str(champion)] == max(scores.values())
