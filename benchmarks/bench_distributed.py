@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from psyface.distributed import Context, DistributedParams, session  # noqa: E402
 from psyface.model import build_model  # noqa: E402
-from psyface.train import Data, TrainParams, TrainState, train_epochs  # noqa: E402
+from psyface.training import Data, TrainParams, TrainState, train_epochs  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from captum.attr import LayerAttribution, LayerGradCam
 
+from psyface.artifacts import PREPARED_DIR, load_prepared
 from psyface.explain.methods import MethodOptions, attribute
 from psyface.model import build_model, to_input
-from psyface.artifacts import PREPARED_DIR, load_prepared
 
 N_ATTRIBUTES = 7  # the default synthetic data set's attributes
 

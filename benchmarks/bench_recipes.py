@@ -100,7 +100,8 @@ def psyface_probe(images: np.ndarray, ratings: np.ndarray, groups: np.ndarray, f
                   layers: list[str], alphas: list[float]) -> np.ndarray:
     """psyface's probe on the same folds: (folds, attributes) test r."""
     from psyface import probe
-    from psyface.train import TrainParams, pearson_per_column, probe_backbone
+    from psyface.train import probe_backbone
+    from psyface.training import TrainParams, pearson_per_column
 
     params = TrainParams(arch=ARCH, init=str(weights), mode="probe", probe=probe.ProbeParams(layers=layers, alphas=alphas))
     net, tags = probe_backbone(params, ratings.shape[1], images.shape[1], torch.device("cpu"))
@@ -115,10 +116,16 @@ def psyface_probe(images: np.ndarray, ratings: np.ndarray, groups: np.ndarray, f
 
 
 def trained(images: np.ndarray, ratings: np.ndarray, split: np.ndarray, weights: Path | None, epochs: int) -> float:
-    """Test mean r of psyface's loop on the pipeline split: fine-tuned from `weights`, or from scratch."""
-    from psyface.train import Data, TrainParams, TrainState, initialise, normalisation_of, pearson_per_column, \
-        predict_standardised, train_epochs
-    from psyface.model import build_model
+    from psyface.model import build_model, predict_standardised
+    from psyface.training import (
+        Data,
+        TrainParams,
+        TrainState,
+        initialise,
+        normalisation_of,
+        pearson_per_column,
+        train_epochs,
+    )
 
     params = TrainParams(arch=ARCH, init=str(weights) if weights else "scratch", epochs=epochs, batch_size=32,
                          lr=1e-3, warmup_epochs=0.5, patience=epochs, seed=0)
@@ -198,7 +205,7 @@ def main() -> int:
         base, ours = rows[0], rows[1]
         print(f"psyface probe - baseline: mean r {ours[3].mean() - base[3].mean():+.3f}, time ratio "
               f"{ours[2] / base[2]:.2f}x; probe+ - baseline: {rows[2][3].mean() - base[3].mean():+.3f}")
-        print(f"per attribute (baseline / probe / probe+): " + ", ".join(
+        print("per attribute (baseline / probe / probe+): " + ", ".join(
             f"{a} {base[3][:, i].mean():.2f}/{ours[3][:, i].mean():.2f}/{rows[2][3][:, i].mean():.2f}"
             for i, a in enumerate(attributes)))
 

@@ -38,7 +38,7 @@ def measure(uri: str, epochs: int, models: int, attributes: int, artifacts: Path
     for a SQLite store, which would otherwise write ./mlruns; a server keeps its own)."""
     from psyface import tracking
     from psyface.model import ModelSpec, build_model
-    from psyface.train import png_bytes
+    from psyface.training import png_bytes
 
     tracking.use_tracking(uri)
     experiment = f"bench-{secrets.token_hex(3)}"

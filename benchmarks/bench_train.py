@@ -37,7 +37,7 @@ from psyface.config import load_section
 from psyface.dataset.layout import DATA_DIR, load_dataset
 from psyface.model import build_model, normalise, to_unit
 from psyface.prepare import PrepareParams
-from psyface.train import TrainParams, augment, uses_bf16
+from psyface.training import TrainParams, augment, uses_bf16
 
 PEER_SIZE = 224
 

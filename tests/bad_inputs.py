@@ -14,9 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from factories import draw_face
+from PIL import Image
 
 
 def truncated_jpeg(path: Path) -> None:

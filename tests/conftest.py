@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from factories import make_dataset
 
 import psyface
-from factories import make_dataset
 from psyface.dataset.layout import DatasetSpec
 from psyface.dataset.synth import SynthConfig, generate
 

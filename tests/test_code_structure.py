@@ -1,5 +1,6 @@
 """The code's structure as the project promises it: every module a DVC stage runs is one of that stage's
-dependencies (so a code change re-runs exactly the stages it can change), and no import cycles."""
+dependencies (so a code change re-runs exactly the stages it can change), no import cycles, and no
+module imports a stage's entry module."""
 
 from __future__ import annotations
 
@@ -103,3 +104,13 @@ def test_no_import_cycles():
                      if any(a in closure(b) for b in GRAPH[a])})
     assert cycles == []
 
+
+
+def test_stages_share_code_through_core_modules_only():
+    """No module imports a stage's entry module (what `dvc.yaml` runs, or what a stage package's
+    `__main__` runs): stages exchange files and share code through core modules."""
+    entries = {module for _, _, module, _ in stages()}
+    entries |= {b for a in entries if a.endswith(".__main__") for b in GRAPH[a] if b.rpartition(".")[0] == a.rpartition(".")[0]}
+    crossing = sorted((a, b) for a in MODULES for b in GRAPH[a] if b in entries
+                      and not (a.endswith(".__main__") and a.rpartition(".")[0] == b.rpartition(".")[0]))
+    assert crossing == []

@@ -17,15 +17,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from mlflow.tracking import MlflowClient
-
 from conftest import SRC
-from psyface import tracking
-from psyface.distributed import Context, DistributedParams, gather, loss_weight, session, share
-from psyface.model import build_model, normalise, to_unit
-from psyface.train import Augmentation, Data, TrainParams, TrainState, augment, train_epochs
+from mlflow.tracking import MlflowClient
 from workspace import make_workspace
 
+from psyface import tracking
+from psyface.distributed import (
+    Context,
+    DistributedParams,
+    gather,
+    loss_weight,
+    session,
+    share,
+)
+from psyface.model import build_model, normalise, to_unit
+from psyface.training import (
+    Augmentation,
+    Data,
+    TrainParams,
+    TrainState,
+    augment,
+    train_epochs,
+)
 
 # CPU DDP as the tests run it: one thread per rank, gloo on loopback.
 DDP_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}

@@ -7,9 +7,11 @@ import re
 import pytest
 from bad_inputs import IMAGE_CASES
 from factories import draw_face
-from tests.conftest import run_cli
-from tests.test_explain_cli import registry  # noqa: F401  (the module fixture: a registered VGG11)
 
+from tests.conftest import run_cli
+from tests.test_explain_cli import (
+    registry,  # noqa: F401  (the module fixture: a registered VGG11)
+)
 
 pytestmark = pytest.mark.slow  # trains a network, runs the CLI in subprocesses
 

@@ -5,8 +5,13 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 
 from psyface.errors import PsyfaceError
-from psyface.run_safety import training_bytes
-from psyface.explain.methods import METHODS, MethodOptions, attribute, gradcam_grid, vgg_conv_names
+from psyface.explain.methods import (
+    METHODS,
+    MethodOptions,
+    attribute,
+    gradcam_grid,
+    vgg_conv_names,
+)
 from psyface.model import (
     NARROW_VGG16,
     AttributeEnsemble,
@@ -17,8 +22,12 @@ from psyface.model import (
     load_trained,
     save_trained,
 )
-
-from tests.explain_models import SIZE, images, tiny_vgg  # noqa: F401 (images: a fixture)
+from psyface.run_safety import training_bytes
+from tests.explain_models import (  # noqa: F401 (images: a fixture)
+    SIZE,
+    images,
+    tiny_vgg,
+)
 
 OPTIONS = MethodOptions(ig_steps=8, occlusion_window=8, occlusion_stride=4)
 

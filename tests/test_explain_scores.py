@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from captum.attr import LayerAttribution
-from tests.explain_models import SIZE, box, images, region_model, tiny_vgg  # noqa: F401 (images: a fixture)
 
 from psyface.explain.methods import MethodOptions, attribute
 from psyface.explain.scores import (
@@ -13,12 +12,19 @@ from psyface.explain.scores import (
     grid_ceiling,
     mask_share,
     pointing_game,
-    randomisation_correlation,
     random_order,
+    randomisation_correlation,
     randomised_copy,
     rank_correlation,
     relevance,
     relevance_mass_accuracy,
+)
+from tests.explain_models import (  # noqa: F401 (images: a fixture)
+    SIZE,
+    box,
+    images,
+    region_model,
+    tiny_vgg,
 )
 
 MOUTH = box(20, 28, 8, 24)

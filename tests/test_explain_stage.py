@@ -11,7 +11,13 @@ from psyface.config import load_section
 from psyface.dataset.layout import Masks, load_dataset
 from psyface.errors import PsyfaceError
 from psyface.explain.methods import MethodOptions
-from psyface.explain.stage import ExplainParams, check_params, explain_test_set, faces_to_explain, numeric_metrics
+from psyface.explain.stage import (
+    ExplainParams,
+    check_params,
+    explain_test_set,
+    faces_to_explain,
+    numeric_metrics,
+)
 from psyface.model import ModelSpec
 from psyface.prepare import prepare
 from psyface.split import SplitParams, assign_splits

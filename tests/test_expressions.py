@@ -8,12 +8,27 @@ import pytest
 import torch
 from torch import nn
 
-from psyface.expressions.classifier import TrainingParams, binary_scores, predict_proba, train_classifier
-from psyface.expressions.reduction import Fitted, choose_step, count_steps, reduce_landmarks
+from psyface.expressions.classifier import (
+    TrainingParams,
+    binary_scores,
+    predict_proba,
+    train_classifier,
+)
+from psyface.expressions.reduction import (
+    Fitted,
+    choose_step,
+    count_steps,
+    reduce_landmarks,
+)
 from psyface.expressions.relevance import baselines_for, landmark_relevance, ranking
-from psyface.expressions.served import ExpressionClassifier, LandmarkExpressionModel, feature_columns
+from psyface.expressions.served import (
+    ExpressionClassifier,
+    LandmarkExpressionModel,
+    feature_columns,
+)
 from psyface.expressions.stage import region_share
 from psyface.shapes import coordinate_columns
+
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():

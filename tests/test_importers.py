@@ -8,13 +8,13 @@ import numpy as np
 import openpyxl
 import pandas as pd
 import pytest
-from PIL import Image
-
 from bad_inputs import IMAGE_CASES
 from conftest import run_cli
 from factories import draw_face
-from psyface.dataset.importers import main as import_main
+from PIL import Image
+
 from psyface.dataset.importers import US10K_ATTRIBUTES, safe_id
+from psyface.dataset.importers import main as import_main
 from psyface.dataset.layout import load_dataset
 from psyface.errors import PsyfaceError
 from psyface.validate import ValidateParams, validate_dataset

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_synthetic
+
 from psyface import landmarks
 from psyface.artifacts import NORMALISED_LANDMARKS_FILE
 from psyface.dataset.layout import load_dataset

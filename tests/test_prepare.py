@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from psyface.artifacts import PREPARED_DIR, load_prepared, save_prepared
 from psyface.dataset.layout import load_dataset
 from psyface.errors import PsyfaceError
 from psyface.images import load_image
-from psyface.artifacts import PREPARED_DIR, load_prepared, save_prepared
 from psyface.prepare import prepare
 from psyface.split import SplitParams, assign_splits
 from tests.conftest import run_cli

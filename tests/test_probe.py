@@ -18,9 +18,16 @@ from sklearn.preprocessing import StandardScaler
 
 from psyface import probe
 from psyface.errors import PsyfaceError
-from psyface.model import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, build_model, predict_ratings
+from psyface.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelSpec,
+    build_model,
+    predict_ratings,
+)
 from psyface.resampling import fold_summary, grouped_bootstrap_r, grouped_folds
-from psyface.train import TrainParams, probe_backbone
+from psyface.train import probe_backbone
+from psyface.training import TrainParams
 from tests.conftest import SRC
 from tests.workspace import make_workspace, tracking_env
 

@@ -9,8 +9,8 @@ Screenshots go to test-artifacts/ (ignored by git).
 
 from __future__ import annotations
 
-import html
 import dataclasses
+import html
 import json
 import os
 import shutil

@@ -15,17 +15,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
-
 from bad_inputs import IMAGE_CASES
 from conftest import SRC, run_cli
 from factories import draw_face
+from mlflow.tracking import MlflowClient
+from workspace import make_workspace
+
 from psyface import run_safety
 from psyface import train as train_module
 from psyface.images import MAX_IMAGE_PIXELS
 from psyface.io import replace_dir_atomic
 from psyface.tracking import use_tracking
-from workspace import make_workspace
 
 # One xdist worker runs this module so the two-worker store is trained once (`--dist loadgroup`).
 pytestmark = [pytest.mark.xdist_group("robustness"), pytest.mark.slow]  # trains networks in subprocesses

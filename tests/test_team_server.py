@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from conftest import SRC
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from conftest import SRC
 from psyface import server as server_module
 from psyface.errors import server_refusal
 from psyface.promotion import SCORE_TAG

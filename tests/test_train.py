@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from psyface import train as train_module
 from psyface.errors import PsyfaceError
 from psyface.model import build_model, load_matching
-from psyface.train import (
+from psyface.training import (
     Augmentation,
     Data,
     TrainParams,

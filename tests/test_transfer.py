@@ -15,13 +15,13 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from psyface.errors import PsyfaceError
+from psyface.model import build_model, freeze_blocks
+from psyface.tracking import load_model
+from psyface.training import Data, TrainParams, TrainState, initialise, train_epochs
 from psyface.transfer import core as transfer
 from psyface.transfer.stage import load_params
 from psyface.transfer.stage import main as transfer_main
-from psyface.errors import PsyfaceError
-from psyface.model import build_model, freeze_blocks
-from psyface.train import Data, TrainParams, TrainState, initialise, train_epochs
-from psyface.tracking import load_model
 from tests.workspace import make_workspace, tracking_env
 
 pytestmark = pytest.mark.slow  # trains networks or runs stages in subprocesses
@@ -68,8 +68,8 @@ def test_numeric_column_trains_a_registered_regressor(project: Path):
 
 
 def test_base_task_kind_follows_the_declared_column(project: Path):
-    from psyface.dataset.layout import load_dataset
     from psyface.artifacts import load_prepared
+    from psyface.dataset.layout import load_dataset
 
     spec, table = load_dataset(project / "data"), load_prepared(project / "artifacts/prepared").table
     assert transfer.base_task(spec, table, "age_band").classes == ["young", "middle", "older"]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from bad_inputs import IMAGE_CASES
 from conftest import run_cli
 from factories import read_table, write_table
+
 from psyface.dataset.layout import DatasetSpec
 from psyface.errors import PsyfaceError
 from psyface.validate import run

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from psyface.dataset.layout import load_dataset
 from psyface.artifacts import PREPARED_DIR, save_prepared
+from psyface.dataset.layout import load_dataset
 from psyface.prepare import prepare
 from psyface.split import SplitParams, assign_splits
 

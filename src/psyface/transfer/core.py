@@ -29,7 +29,7 @@ from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError
 from psyface.io import write_csv_atomic, write_json_atomic
 from psyface.model import ModelSpec, build_model, freeze_blocks, predict_standardised
-from psyface.train import (
+from psyface.training import (
     REGRESSION,
     Data,
     Objective,

@@ -30,7 +30,7 @@ from psyface.explain.scores import (
 )
 from psyface.io import write_csv_atomic, write_json_atomic
 from psyface.model import AttributeNet, build_model, predict_standardised, to_input
-from psyface.train import Data, split_data
+from psyface.training import Data, split_data
 from psyface.transfer.core import (
     CLASSIFICATION,
     REPORT_DIR,
