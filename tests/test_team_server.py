@@ -25,7 +25,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from psyface import server as server_module
-from psyface.evaluate import MEAN_R_TAG
+from psyface.errors import server_refusal
+from psyface.promotion import SCORE_TAG
 from psyface.run_safety import STALE_TAG
 from psyface.tracking import LOCK_SUFFIX
 from tests.workspace import make_workspace, tracking_env
@@ -218,9 +219,10 @@ def test_collaborator_pulls_the_champion_from_another_folder(team, tmp_path, syn
         with pytest.raises(MlflowException) as refused:
             attempt()
         assert refused.value.get_http_status_code() == 403
-    # ... and psyface says so in one line (training refused before any epoch; evaluate before any tag)
-    one_error_line(cli("train", cwd=a, env=reader), "403", repr(READER[0]))
-    one_error_line(cli("evaluate", cwd=a, env=reader), "403")
+        line = server_refusal(refused.value)  # what every psyface command prints for it
+        assert line and "\n" not in line and "403" in line and repr(READER[0]) in line
+    # ... and a psyface command says so in one line (training refused before its first epoch)
+    one_error_line(cli("train", cwd=a, env=reader), "403", repr(READER[0]), "/runs/create")
     assert client.get_model_version_by_alias("team-model", "champion").version == champion.version
 
 
@@ -242,7 +244,7 @@ def test_concurrent_trainings_and_evaluates_against_the_server(team, tmp_path, s
     assert sorted(run["model_version"] for run in runs) == ["1", "2"]
     for result in together("evaluate"):
         ok(result)
-    scores = {run["model_version"]: float(client.get_model_version("race-model", run["model_version"]).tags[MEAN_R_TAG])
+    scores = {run["model_version"]: float(client.get_model_version("race-model", run["model_version"]).tags[SCORE_TAG])
               for run in runs}
     champion = client.get_model_version_by_alias("race-model", "champion").version
     assert scores[str(champion)] == max(scores.values())

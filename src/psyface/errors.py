@@ -30,8 +30,9 @@ def server_refusal(error: BaseException) -> str | None:
     exceptions = sys.modules.get("mlflow.exceptions")
     if exceptions is None or not isinstance(error, exceptions.MlflowException):
         return None
-    server = os.environ.get("MLFLOW_TRACKING_URI", "the tracking server")
     text = str(error)
+    named = re.search(r"API request to (https?://[^/\s]+)", text)
+    server = os.environ.get("MLFLOW_TRACKING_URI") or (named.group(1) if named else "the tracking server")
     endpoint = re.search(r"endpoint (\S+)", text)
     where = f" ({endpoint.group(1)})" if endpoint else ""
     if error.error_code == "UNAUTHENTICATED" or error.get_http_status_code() == 401:
