@@ -57,6 +57,7 @@ from psyface.model import (
     weights_normalisation,
 )
 from psyface.probe import ProbeParams
+from psyface.resampling import face_groups
 
 TRAIN_DIR = Path("artifacts/train")
 CHECKPOINT_DIR = TRAIN_DIR / "checkpoints"
@@ -343,7 +344,7 @@ def initialise(net: AttributeNet, params: TrainParams, attributes: list[str] | N
             state = {k: v for k, v in state.items() if not k.startswith("last_layer.")}
         lineage = {"init.model_name": version.name, "init.model_version": str(version.version),
                    "init.run_id": str(version.run_id)}
-        mean, std = source_spec.mean, source_spec.std
+        mean, std = source_spec.input_mean, source_spec.input_std
     elif params.init == "imagenet":
         state = read_state_dict(imagenet_weights_file(params.arch))
         mean, std = weights_normalisation(params.arch)
@@ -505,11 +506,6 @@ def _write_run(uri: str, experiment_id: str, run_id: str, model_name: str, versi
     tracking.write_run_file(tracking.TrainedRun(
         tracking_uri=uri, experiment_id=experiment_id, run_id=run_id, model_name=model_name,
         model_version=version, model_uri=f"models:/{model_name}/{version}"))
-
-
-def face_groups(table: pd.DataFrame, identity_column: str | None) -> np.ndarray:
-    """Who each row is: its identity where the dataset declares one, else the image itself."""
-    return table[identity_column if identity_column else "id"].astype(str).to_numpy()
 
 
 def probe_backbone(params: TrainParams, n_outputs: int, image_size: int, device: torch.device,
