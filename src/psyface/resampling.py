@@ -8,10 +8,16 @@ overstates what the model does on new people, so every resample here moves whole
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from sklearn.model_selection import GroupKFold
 
 from psyface.errors import PsyfaceError
 from psyface.metrics import pearson_columns
+
+
+def face_groups(table: pd.DataFrame, identity_column: str | None) -> np.ndarray:
+    """Who each row is: its identity where the dataset declares one, else the image itself."""
+    return table[identity_column if identity_column else "id"].astype(str).to_numpy()
 
 
 def grouped_folds(groups: np.ndarray, k: int, seed: int) -> np.ndarray:

@@ -60,13 +60,13 @@ from psyface.model import (
     predict_standardised,
 )
 from psyface.probe import ProbeParams
+from psyface.resampling import face_groups
 from psyface.training import (
     Data,
     Normalisation,
     TrainParams,
     TrainState,
     check_init,
-    face_groups,
     fingerprint,
     initialise,
     load_checkpoint,

@@ -405,11 +405,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def face_groups(table: pd.DataFrame, identity_column: str | None) -> np.ndarray:
-    """Who each row is: its identity where the dataset declares one, else the image itself."""
-    return table[identity_column if identity_column else "id"].astype(str).to_numpy()
-
-
 def split_hash(table: pd.DataFrame) -> str:
     """Which ids are in which split: promotion compares only models evaluated on the same split."""
     pairs = table[["id", "split"]].astype(str).agg(":".join, axis=1)
