@@ -16,7 +16,6 @@ from psyface.explain.stage import (
     check_params,
     explain_test_set,
     faces_to_explain,
-    numeric_metrics,
 )
 from psyface.model import ModelSpec
 from psyface.prepare import prepare
@@ -85,7 +84,9 @@ def test_figures_and_a_float16_subset_of_raw_maps(explained):
 
 def test_metrics_flatten_to_mlflow_names(explained):
     _, metrics, _, _ = explained
-    flat = numeric_metrics(metrics)
+    from psyface.tracking import metric_values
+
+    flat = metric_values(metrics, "explain")
     assert flat["explain.gradcam.localisation.happy.relevance_mass_accuracy"] == metrics["gradcam"]["localisation"]["happy"]["relevance_mass_accuracy"]
     assert flat["explain.aligned"] == 1.0
     assert all(isinstance(value, float) for value in flat.values())

@@ -14,6 +14,7 @@ Only rank 0 touches MLflow and the checkpoints (MLflow #11782: every rank would 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -170,8 +171,9 @@ def launch(nproc_per_node: int, module: str, argv: list[str]) -> int:
         elastic_launch(config, sys.executable)("-u", "-m", module, *argv)
     except ChildFailedError as error:
         codes = {rank: failure.exitcode for rank, failure in error.failures.items()}
-        if set(codes.values()) <= {2, 130}:  # a user error or an interruption: the worker already said why
-            return max(codes.values(), key=lambda code: code == 2)
+        stopped = -int(signal.SIGTERM)  # a rank the launcher stopped because another one failed
+        if set(codes.values()) - {stopped} <= {2, 130} and set(codes.values()) != {stopped}:
+            return 2 if 2 in codes.values() else 130  # a user error or an interruption: the worker said why
         print(f"psyface: error: training worker(s) failed, rank: exit code {codes} (their output is above)",
               file=sys.stderr)
         return 1

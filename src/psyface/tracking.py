@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import subprocess
@@ -137,16 +138,30 @@ def open_run(run_id: str, uri: str | None = None) -> Iterator[mlflow.ActiveRun]:
         mlflow.end_run(status=prior if prior != "RUNNING" else "FINISHED")
 
 
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested params -> {"train.lr": "0.001", ...} for `mlflow.log_params`."""
-    flat: dict[str, str] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
-    return flat
+def leaves(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted name, value) of every leaf of nested mappings (and lists of mappings, by index): the one
+    walk behind MLflow's flat param and metric names."""
+    if isinstance(data, Mapping):
+        items: Any = data.items()
+    elif isinstance(data, list | tuple) and any(isinstance(item, Mapping) for item in data):
+        items = enumerate(data)
+    else:
+        yield prefix, data
+        return
+    for key, value in items:
+        yield from leaves(value, f"{prefix}.{key}" if prefix else str(key))
+
+
+def flatten(mapping: Mapping[str, Any]) -> dict[str, str]:
+    """Nested params -> {"train.lr": "0.001", ...} for `mlflow.log_params` (lists as JSON)."""
+    return {name: json.dumps(value) if isinstance(value, list | tuple) else str(value) for name, value in leaves(mapping)}
+
+
+def metric_values(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested results -> {"explain.gradcam....": 0.42, ...} for `mlflow.log_metrics`: numbers and
+    booleans (as 0/1); undefined (NaN, infinite) and non-numeric values are left out."""
+    return {name: float(value) for name, value in leaves(mapping, prefix)
+            if isinstance(value, bool | int | float) and math.isfinite(value)}
 
 
 def git_tags() -> dict[str, str]:

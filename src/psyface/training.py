@@ -89,7 +89,7 @@ class TrainParams:
     init: str = "scratch"  # scratch | imagenet | PATH.pth/.safetensors | models:/NAME@ALIAS
     freeze: NonNegativeInt = 0  # VGG convolution blocks (counted from the input) kept as initialised; 0: none
     per_attribute: bool = False
-    epochs: PositiveInt = 16
+    epochs: PositiveInt = 14
     batch_size: PositiveInt = 32
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 1e-4
@@ -190,14 +190,15 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> t
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether training runs under bf16 autocast. `auto` picks it where bf16 is native (CUDA, CPUs
-    with AVX-512 BF16 or AMX: about 2x faster than fp32 there) and stays fp32 where it would be
-    emulated and slower."""
+    """Whether training runs under bf16 autocast. `auto` picks it where bf16 matrix units make it
+    faster: CUDA, and CPUs with AMX tiles (about 2x fp32 there). AVX-512 BF16 alone is not enough:
+    on such a Xeon a VGG16 train step measured 0.67x fp32's speed in bf16 and its bf16 matmul peak
+    half the fp32 one (benchmarks/bench_train.py), so those CPUs, and every other, stay fp32."""
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return device.type == "cpu" and torch.cpu._is_amx_tile_supported()
 
 
 def train_epochs(

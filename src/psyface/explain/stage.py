@@ -8,7 +8,6 @@ of the raw maps, and logs all of it into the training run, so lineage stays one 
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 import tempfile
@@ -260,26 +259,14 @@ def targets(metrics: dict[str, Any], params: ExplainParams) -> dict[str, bool | 
     return checks
 
 
-def numeric_metrics(metrics: dict[str, Any], prefix: str = "explain") -> dict[str, float]:
-    """Flatten to MLflow metric names; booleans become 0/1, undefined values are left out."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}.{key}"
-        if isinstance(value, dict):
-            flat.update(numeric_metrics(value, name))
-        elif isinstance(value, bool | int | float) and not (isinstance(value, float) and math.isnan(value)):
-            flat[name] = float(value)
-    return flat
-
-
 def log_to_training_run(run_id: str, tracking_uri: str, metrics: dict[str, Any]) -> None:
     """Metrics and every output into the run that trained the model (no new run: one lineage)."""
     import mlflow
 
-    from psyface.tracking import open_run
+    from psyface.tracking import metric_values, open_run
 
     with open_run(run_id, tracking_uri):
-        mlflow.log_metrics(numeric_metrics(metrics))
+        mlflow.log_metrics(metric_values(metrics, "explain"))
         mlflow.log_artifacts(str(EXPLAIN_FIGURES_DIR), artifact_path="explain/figures")
         mlflow.log_artifact(str(EXPLAIN_METRICS_FILE), artifact_path="explain")
         mlflow.log_artifact(str(EXPLAIN_MAPS_FILE), artifact_path="explain")

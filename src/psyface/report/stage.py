@@ -433,8 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text(REPORT_HTML, html.render(content))
 
     with tracking.open_run(run.run_id, run.tracking_uri):
-        mlflow.log_metrics({key: float(value) for key, value in html.flatten(metrics).items()
-                            if isinstance(value, int | float) and np.isfinite(value)})
+        mlflow.log_metrics(tracking.metric_values(metrics))
         mlflow.log_artifact(str(REPORT_HTML), "report")
         mlflow.log_artifacts(str(FAIRNESS_DIR), "report/fairness")
         mlflow.log_artifacts(str(MANIFOLD_DIR), "report/manifold")
