@@ -177,7 +177,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from psyface.dataset.layout import load_dataset
-    from psyface.prepare import load_prepared
+    from psyface.artifacts import load_prepared
     from psyface.resampling import grouped_folds
 
     prepared = load_prepared(args.prepared, mmap=False)

@@ -225,7 +225,7 @@ def test_init_imagenet_finds_any_torchvision_weights_file_in_the_hub_cache(tmp_p
 def test_fine_tune_cross_validation_logs_a_nested_run_per_fold(tmp_path, monkeypatch, synthetic_data):
     import mlflow
 
-    from psyface.prepare import load_prepared
+    from psyface.artifacts import load_prepared
     from psyface.train import CV_FILE, cross_validate
 
     root = make_workspace(tmp_path, synthetic_data, epochs=1)

@@ -221,4 +221,5 @@ def test_a_missing_init_source_stops_before_any_run_opens(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as exited:
         train_module.main([])
     assert exited.value.code == 2 and capsys.readouterr().err.splitlines()[-1].startswith("psyface: error: ")
-    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    client = MlflowClient(tracking_uri=tracking_env(root)["MLFLOW_TRACKING_URI"])  # this store, whatever the process URI
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []

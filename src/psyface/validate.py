@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from psyface.config import PositiveInt, load_section
-from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
+from psyface.dataset.layout import DATA_DIR, IMAGE_EXTENSIONS, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.images import ImageProblem, decode_image
 from psyface.io import read_csv_checked, write_csv_atomic, write_json_atomic
@@ -109,6 +109,16 @@ def image_file(spec: DatasetSpec, image_id: str) -> Path:
     return spec.root / spec.image_path(image_id).relative_to(spec.root.resolve())
 
 
+def shown_file(spec: DatasetSpec, image_id: str | None) -> str:
+    """The image file a finding names: "" for a row whose id names no safe file."""
+    if image_id is None or not is_plain_file_name(image_id):
+        return ""
+    try:
+        return str(image_file(spec, image_id))
+    except PsyfaceError:
+        return ""
+
+
 def check_image(spec: DatasetSpec, image_id: str | None, min_side: int) -> tuple[str, str]:
     """(status, message) for one row's image; status is "ok" or one of IMAGE_REASONS."""
     if image_id is None:
@@ -135,10 +145,11 @@ def orphan_images(spec: DatasetSpec, ids: list[str | None]) -> list[str]:
     folder = (spec.root / spec.image_template).parent
     if not folder.is_dir():
         return []
-    expected = {
-        spec.image_path(i).resolve()
+    expected = {  # every file a row's id can name (each `{ext}` choice), wherever it resolves
+        (spec.root / spec.image_template.format(id=i, ext=ext)).resolve()
         for i in ids
         if i is not None and is_plain_file_name(i)
+        for ext in IMAGE_EXTENSIONS
     }
     return sorted(
         str(path)
@@ -273,7 +284,7 @@ def findings_for(
         value = table.at[row, column] if column in table.columns else None
         if kind == "image":
             status, message = images[row]
-            file = str(image_file(spec, image_id)) if image_id is not None and is_plain_file_name(image_id) else ""
+            file = shown_file(spec, image_id)
             out.append(Finding(image_id or "", file, f"image:{status}", f"{where}: {message}"))
             continue
         if kind == "id_not_null":
