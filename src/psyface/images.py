@@ -32,6 +32,23 @@ def decode_image(source: Path | bytes, min_side: int = MIN_IMAGE_SIDE) -> Image.
     return to_rgb(open_image(source, min_side))
 
 
+RESAMPLING = Image.Resampling.BILINEAR  # how every face is resized (antialiased: it blends neighbours)
+
+
+def resize_bitfield(bitfield: np.ndarray, size: int) -> np.ndarray:
+    """A region bitfield (uint8, bit k = region k) resized like the faces: bit k is set in an output
+    pixel when any input pixel the face resize blends into it has bit k. Nearest neighbour would
+    drop edge pixels whose blended colour still carries the region's signal, so information about
+    an attribute would leak outside its mask."""
+    resized = np.zeros((size, size), dtype=np.uint8)
+    for bit in range(8):
+        plane = ((bitfield >> bit) & 1).astype(np.float32)
+        if plane.any():
+            blended = np.asarray(Image.fromarray(plane).resize((size, size), RESAMPLING))
+            resized |= (blended > 1e-6).astype(np.uint8) << bit
+    return resized
+
+
 def open_image(source: Path | bytes, min_side: int = MIN_IMAGE_SIDE, reduced: bool = False) -> Image.Image:
     """Open and fully decode an image in its own mode (no conversion), mapping every failure to an
     `ImageProblem`. `reduced` lets JPEG decode at 1/8 scale: the whole entropy-coded stream is still
@@ -79,7 +96,7 @@ def load_image(source: Path | bytes, size: int, min_side: int = MIN_IMAGE_SIDE) 
     """Decode and resize to `size` x `size` (whole image, like the published peer): uint8 HxWx3."""
     image = decode_image(source, min_side=min_side)
     if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
+        image = image.resize((size, size), RESAMPLING)
     return np.asarray(image, dtype=np.uint8)
 
 

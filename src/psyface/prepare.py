@@ -21,7 +21,7 @@ from psyface.artifacts import PREPARED_DIR, Prepared, read_split, save_prepared
 from psyface.config import Bound, load_section
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, Masks, load_dataset
 from psyface.errors import PsyfaceError, entry_point
-from psyface.images import ImageProblem, load_image
+from psyface.images import ImageProblem, load_image, resize_bitfield
 
 
 @dataclass
@@ -30,13 +30,13 @@ class PrepareParams:
 
 
 def pack_masks(spec: DatasetSpec, masks: Masks, ids: list[str], size: int) -> np.ndarray:
-    """Region bitfields of `ids`, resized with nearest neighbour (bits must not be blended)."""
+    """Region bitfields of `ids`, resized to cover every pixel the face resize blends them into."""
     packed = np.zeros((len(ids), size, size), dtype=np.uint8)
     for row, image_id in enumerate(tqdm(ids, desc="prepare: masks", unit="img")):
         path = spec.root / masks.template.format(id=image_id)
         try:
             with Image.open(path) as mask:
-                packed[row] = np.asarray(mask.convert("L").resize((size, size), Image.Resampling.NEAREST))
+                packed[row] = resize_bitfield(np.asarray(mask.convert("L")), size)
         except OSError as error:
             raise PsyfaceError(f"mask of {image_id!r} unreadable at {path}: {error}") from None
     return packed

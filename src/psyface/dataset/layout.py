@@ -37,11 +37,17 @@ IMAGE_EXTENSIONS = ("jpg", "png")
 
 @dataclass(frozen=True)
 class Attribute:
-    """A rated attribute: its rating scale and (when known) the facial regions that cause it."""
+    """A rated attribute: its rating scale and (when known) the facial regions that cause it.
+
+    `rating_biases` names sensitive features the ratings are known to depend on whatever the face
+    shows (a rater bias): their visible cues (skin tone, hair) tell a model about the rating from
+    outside the regions, so the ground-truth check reports the attribute with them partialled out.
+    """
 
     scale: tuple[float, float]
     regions: list[str] = field(default_factory=list)
     description: str = ""
+    rating_biases: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,10 @@ def _check(spec: DatasetSpec, path: Path) -> None:
         unknown = [r for r in attribute.regions if spec.masks and r not in known]
         if unknown:
             raise PsyfaceError(f"{path}: attributes.{name}.regions {unknown} not in masks.regions {known}")
+        undeclared = [f for f in attribute.rating_biases if f not in spec.sensitive_features]
+        if undeclared:
+            raise PsyfaceError(f"{path}: attributes.{name}.rating_biases {undeclared} are not sensitive_features "
+                               f"{list(spec.sensitive_features)}")
     if "{id}" not in spec.image_template:
         raise PsyfaceError(f"{path}: image_template must contain {{id}}, got {spec.image_template!r}")
     template_parts = spec.image_template.replace("\\", "/").split("/")

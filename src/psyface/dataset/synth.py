@@ -14,14 +14,17 @@ same arguments give byte-identical files (and the committed `data.dvc` matches a
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
+from scipy.spatial import ConvexHull
 from tqdm import tqdm
 
 from psyface.dataset.layout import Attribute, DatasetSpec, Landmarks, Masks
@@ -54,9 +57,11 @@ ATTRIBUTES: dict[str, Attribute] = {
 }
 LATENT_REGIONS = {
     "mouth_curve": ["mouth"],
+    "mouth_width": ["mouth"],
     "mouth_open": ["mouth"],
     "brow_angle": ["brows"],
     "brow_raise": ["brows"],
+    "brow_pinch": ["brows"],
     "eye_size": ["eyes"],
     "eye_asymmetry": ["eyes"],
     "eye_open": ["eyes"],
@@ -65,16 +70,25 @@ LATENT_REGIONS = {
     "age": ["forehead", "hair"],
     "hidden": [],
 }
-# Expression shifts of the per-image latents (mouth/brow/eye), before per-image variation.
-# Sized so each expression's main shift is at least 4 SDs of neutral's spread (identity + per-image):
-# with 30 % smaller shifts neutral, which borders every other expression, stayed near 94 % accuracy.
+# Expressions move the face through their own latents (mouth width and opening, brow height and
+# pinch, eye opening), which no rated attribute is made of: an expression moves several regions at
+# once, so if it also moved an attribute's latent (as a smile's curvature once moved `happy`) the
+# brows would tell a model about the mouth's rating, and no mask could hold the whole truth. Drawn
+# independently of every attribute, an expression carries no information about any of them, so each
+# attribute's information lies inside its own masks (reports/explain/ground_truth.json checks it).
+# Each expression's main shift is many SDs of the per-image spread, so landmarks still classify it.
 EXPRESSION_EFFECTS: dict[str, dict[str, float]] = {
     "neutral": {},
-    "happy": {"mouth_curve": 1.8},
-    "sad": {"mouth_curve": -1.55, "brow_angle": -1.05},
+    "happy": {"mouth_width": 1.8},
+    "sad": {"mouth_width": -1.5, "brow_raise": -1.2},
     "surprised": {"mouth_open": 1.3, "brow_raise": 1.3, "eye_open": 0.8},
-    "angry": {"brow_angle": 1.8, "mouth_curve": -0.5},
+    "angry": {"brow_pinch": 1.8, "mouth_width": -0.6},
 }
+# Every latent is clipped to these bounds where it is drawn, so the masks (the hull of the shapes at
+# the bounds) cover every pixel it can move.
+CLIP = {"mouth_curve": (-2.5, 2.5), "mouth_width": (-2.5, 2.5), "mouth_open": (0.0, 2.5),
+        "brow_angle": (-2.5, 2.5), "brow_raise": (-2.0, 2.5), "brow_pinch": (-1.0, 2.5),
+        "eye_open": (-1.5, 2.0), "eye_size": (-2.5, 2.5), "eye_asymmetry": (0.0, 2.5)}
 LANDMARK_REGIONS = {
     "jaw": list(range(0, 9)),
     "brows": list(range(9, 19)),
@@ -130,14 +144,17 @@ def sample_identity(rng: np.random.Generator) -> dict[str, float]:
         "hair_hue": float(rng.uniform(0.0, 1.0)),
         "age": float(rng.standard_normal()),
         "cheek_warmth": float(rng.standard_normal()),
-        "brow_base": float(0.4 * rng.standard_normal()),
-        "mouth_base": float(0.3 * rng.standard_normal()),
+        "brow_base": float(rng.standard_normal()),
+        "mouth_base": float(rng.standard_normal()),
         "hidden": float(rng.standard_normal()),
     }
 
 
 def sample_face(identity: dict[str, float], rng: np.random.Generator) -> tuple[str, Face]:
-    """One image of an identity: nuisance first (so it never depends on latents), then expression."""
+    """One image of an identity: nuisance first (so it never depends on latents), then expression.
+
+    Mouth curvature and brow angle (what `happy`, `trustworthy` and `dominant` are made of) mix the
+    identity's resting value with per-image variation and never depend on the expression."""
     nuisance = {
         "bg_r": float(rng.uniform(60, 200)),
         "bg_g": float(rng.uniform(60, 200)),
@@ -152,10 +169,12 @@ def sample_face(identity: dict[str, float], rng: np.random.Generator) -> tuple[s
     expression = EXPRESSIONS[int(rng.integers(0, len(EXPRESSIONS)))]
     effects = EXPRESSION_EFFECTS[expression]
     state = {
-        "mouth_curve": identity["mouth_base"] + effects.get("mouth_curve", 0.0) + 0.25 * rng.standard_normal(),
+        "mouth_curve": 0.8 * identity["mouth_base"] + 0.6 * rng.standard_normal(),
+        "brow_angle": 0.8 * identity["brow_base"] + 0.6 * rng.standard_normal(),
+        "mouth_width": effects.get("mouth_width", 0.0) + 0.15 * rng.standard_normal(),
         "mouth_open": effects.get("mouth_open", 0.0) + 0.1 * abs(rng.standard_normal()),
-        "brow_angle": identity["brow_base"] + effects.get("brow_angle", 0.0) + 0.2 * rng.standard_normal(),
         "brow_raise": effects.get("brow_raise", 0.0) + 0.15 * rng.standard_normal(),
+        "brow_pinch": effects.get("brow_pinch", 0.0) + 0.15 * rng.standard_normal(),
         "eye_open": effects.get("eye_open", 0.0) + 0.1 * rng.standard_normal(),
     }
     return expression, Face(identity, {k: float(v) for k, v in state.items()}, nuisance)
@@ -193,21 +212,36 @@ def _head_outline(jaw_width: float) -> np.ndarray:
     return np.stack([x, y], axis=1)
 
 
-def _mouth_curves(curve: float, opening: float) -> tuple[np.ndarray, np.ndarray]:
-    x = np.linspace(0.42, 0.58, 9)
-    u = (x - 0.5) / 0.08
-    lift = 0.03 * np.clip(curve, -2.5, 2.5) * u**2
+def _clip(name: str, value: float) -> float:
+    return float(np.clip(value, *CLIP[name]))
+
+
+def _mouth_curves(curve: float, width: float, opening: float) -> tuple[np.ndarray, np.ndarray]:
+    """Upper and lower lip: curvature lifts the corners, width (expressions) moves them sideways."""
+    u = np.linspace(-1, 1, 9)
+    x = 0.5 + 0.08 * (1 + 0.12 * _clip("mouth_width", width)) * u
+    lift = 0.03 * _clip("mouth_curve", curve) * u**2
     upper = np.stack([x, 0.705 - lift - 0.004], axis=1)
-    lower = np.stack([x, 0.705 - lift + 0.004 + 0.03 * max(opening, 0.0) * (1 - u**2)], axis=1)
+    lower = np.stack([x, 0.705 - lift + 0.004 + 0.03 * _clip("mouth_open", opening) * (1 - u**2)], axis=1)
     return upper, lower
 
 
-def _brow(side: int, angle: float, raise_: float) -> np.ndarray:
-    """Brow line; positive angle lowers the inner end (the frowning, 'dominant' brow)."""
-    x = 0.5 + side * np.linspace(0.05, 0.16, 5)
-    inner_drop = 0.018 * np.clip(angle, -2.5, 2.5)
-    y = 0.405 - 0.01 * np.clip(raise_, -2, 2.5) + inner_drop * np.linspace(1, -1, 5)
+def _brow(side: int, angle: float, raise_: float, pinch: float) -> np.ndarray:
+    """Brow line; positive angle lowers the inner end (the frowning, 'dominant' brow); raise lifts the
+    whole brow and pinch draws the inner end towards the midline (expressions)."""
+    inner = np.linspace(1, 0, 5)
+    x = 0.5 + side * (np.linspace(0.05, 0.16, 5) - 0.01 * _clip("brow_pinch", pinch) * inner)
+    inner_drop = 0.018 * _clip("brow_angle", angle)
+    y = 0.405 - 0.01 * _clip("brow_raise", raise_) + inner_drop * np.linspace(1, -1, 5)
     return np.stack([x, y], axis=1)
+
+
+def _face_brows(face: Face, side: int) -> np.ndarray:
+    return _brow(side, face.latent("brow_angle"), face.latent("brow_raise"), face.latent("brow_pinch"))
+
+
+def _face_mouth(face: Face) -> tuple[np.ndarray, np.ndarray]:
+    return _mouth_curves(face.latent("mouth_curve"), face.latent("mouth_width"), face.latent("mouth_open"))
 
 
 def _skin(face: Face) -> tuple[int, int, int]:
@@ -242,22 +276,27 @@ def landmarks(face: Face) -> np.ndarray:
     outline = _head_outline(face.identity["jaw_width"])
     lower = outline[(outline[:, 1] > 0.50)]
     jaw = lower[np.linspace(0, len(lower) - 1, 9).round().astype(int)]
-    brows = np.concatenate([_brow(-1, face.latent("brow_angle"), face.latent("brow_raise")),
-                            _brow(1, face.latent("brow_angle"), face.latent("brow_raise"))])
+    brows = np.concatenate([_face_brows(face, -1), _face_brows(face, 1)])
     eyes = []
     for side, (rx, ry) in zip((-1, 1), _eye_radii(face)):
         cx = 0.5 + side * 0.105
         eyes.append([[cx - rx, 0.465], [cx, 0.465 - ry], [cx + rx, 0.465], [cx, 0.465 + ry]])
     nose = np.array([[0.5, 0.50], [0.5, 0.60], [0.5, 0.615]])
-    upper, lower_lip = _mouth_curves(face.latent("mouth_curve"), face.latent("mouth_open"))
+    upper, lower_lip = _face_mouth(face)
     mouth = np.concatenate([upper[[0, 2, 4, 6, 8]], lower_lip[[6, 4, 2]]])
     return np.concatenate([jaw, brows, np.asarray(eyes).reshape(-1, 2), nose, mouth])
 
 
 def _eye_radii(face: Face) -> list[tuple[float, float]]:
-    size = 1 + 0.2 * np.clip(face.identity["eye_size"], -2.5, 2.5)
-    asym = 0.2 * min(face.identity["eye_asymmetry"], 2.5)
-    openness = 1 + 0.25 * np.clip(face.latent("eye_open"), -1.5, 2)
+    return _radii(face.identity["eye_size"], face.identity["eye_asymmetry"], face.latent("eye_open"))
+
+
+def _radii(eye_size: float, eye_asymmetry: float, eye_open: float) -> list[tuple[float, float]]:
+    """(rx, ry) of the left and right eye: asymmetry makes the right eye the larger one (relational:
+    it is read by comparing both eyes, which is why `attractive`'s mask holds both)."""
+    size = 1 + 0.2 * _clip("eye_size", eye_size)
+    asym = 0.2 * _clip("eye_asymmetry", eye_asymmetry)
+    openness = 1 + 0.25 * _clip("eye_open", eye_open)
     return [(0.040 * size * (1 + s * asym / 2), 0.022 * size * (1 + s * asym / 2) * openness) for s in (-1, 1)]
 
 
@@ -283,15 +322,14 @@ def render(face: Face, size: int, pixel_noise: float) -> tuple[np.ndarray, np.nd
     for side in (-1, 1):
         draw.polygon(to_big(_ellipse(0.5 + side * 0.135, 0.595, 0.042, 0.032)), fill=cheek)
     for side in (-1, 1):
-        brow = _brow(side, face.latent("brow_angle"), face.latent("brow_raise"))
-        draw.line(to_big(brow), fill=(45, 32, 25), width=max(2, big // 48))
+        draw.line(to_big(_face_brows(face, side)), fill=(45, 32, 25), width=_brow_width(big))
     for side, (rx, ry) in zip((-1, 1), _eye_radii(face)):
         cx = 0.5 + side * 0.105
         draw.polygon(to_big(_ellipse(cx, 0.465, rx, ry)), fill=(245, 245, 245))
         draw.polygon(to_big(_ellipse(cx, 0.465, min(rx, ry) * 0.85, min(rx, ry) * 0.85)), fill=(50, 60, 90))
     draw.line(to_big(np.array([[0.5, 0.50], [0.5, 0.60], [0.485, 0.615]])), fill=line_colour,
               width=max(1, big // 96))
-    upper, lower = _mouth_curves(face.latent("mouth_curve"), face.latent("mouth_open"))
+    upper, lower = _face_mouth(face)
     draw.polygon(to_big(np.concatenate([upper, lower[::-1]])), fill=(140, 40, 50))
     image = np.asarray(canvas.reduce(2), dtype=np.float64)
     gradient = 1 + face.nuisance["light"] * np.linspace(-1, 1, size)[None, :, None]
@@ -300,15 +338,37 @@ def render(face: Face, size: int, pixel_noise: float) -> tuple[np.ndarray, np.nd
     return pixels, region_masks(face, size), np.asarray(_pose(face, size)(landmarks(face)))
 
 
+def _brow_width(canvas: int) -> int:
+    """Stroke width of the brows on a `canvas`-pixel drawing."""
+    return max(2, canvas // 48)
+
+
+def _reach(shape: Callable[..., np.ndarray], *latents: str) -> np.ndarray:
+    """Convex hull of `shape(*values)` over every combination of the latents' clip bounds. The
+    shape's points move linearly in each latent, so every shape the latents can draw lies inside."""
+    points = np.concatenate([shape(*values) for values in itertools.product(*(CLIP[name] for name in latents))])
+    return points[ConvexHull(points).vertices]
+
+
+MOUTH_REACH = _reach(lambda c, w, o: np.concatenate(_mouth_curves(c, w, o)), "mouth_curve", "mouth_width", "mouth_open")
+BROW_REACH = {side: _reach(lambda a, r, p, s=side: _brow(s, a, r, p), "brow_angle", "brow_raise", "brow_pinch")
+              for side in (-1, 1)}
+EYE_REACH = {side: _ellipse(0.5 + side * 0.105, 0.465, *np.max([radii[k] for radii in
+             (_radii(*values) for values in itertools.product(*(CLIP[n] for n in ("eye_size", "eye_asymmetry", "eye_open"))))],
+             axis=0)) for k, side in enumerate((-1, 1))}
+
+
 def region_masks(face: Face, size: int) -> np.ndarray:
-    """Bitfield (bit k = REGIONS[k]) covering every pixel the region's latents can change."""
+    """Bitfield (bit k = REGIONS[k]) covering every pixel the region's latents can change: the hull
+    of each feature's shapes over its latents' whole clipped range (so a mask never depends on the
+    latents it covers), grown by the stroke and a margin for anti-aliased edges."""
     to_px = _pose(face, size)
     margin = max(1, round(size / 64))
+    brow_margin = margin + math.ceil(_brow_width(2 * size) / 4)
     masks = np.zeros((size, size), dtype=np.uint8)
     shapes: dict[str, list[np.ndarray]] = {
-        "mouth": [_ellipse(0.5, 0.695, 0.12, 0.1)],
-        "brows": [_ellipse(0.5 + s * 0.105, 0.405, 0.085, 0.06) for s in (-1, 1)],
-        "eyes": [_ellipse(0.5 + s * 0.105, 0.465, 0.08, 0.06) for s in (-1, 1)],
+        "mouth": [MOUTH_REACH],
+        "eyes": [EYE_REACH[-1], EYE_REACH[1]],
         "cheeks": [_ellipse(0.5 + s * 0.135, 0.595, 0.052, 0.042) for s in (-1, 1)],
         "forehead": [np.array([[0.40, 0.32], [0.60, 0.32], [0.60, 0.39], [0.40, 0.39]])],
         "hair": [_hair_shape(face.identity["hair_length"]), _hair_cap()],
@@ -322,6 +382,9 @@ def region_masks(face: Face, size: int) -> np.ndarray:
             draw.polygon(to_px(narrowest), fill=0)
             draw.line(to_px(np.concatenate([narrowest, narrowest[:1]])), fill=1, width=2 * margin + 1)
             draw.polygon(to_px(np.array([[-1, -1], [2, -1], [2, 0.46], [-1, 0.46]])), fill=0)
+        if region == "brows":
+            for side in (-1, 1):
+                _fill_dilated(draw, to_px(BROW_REACH[side]), brow_margin)
         for shape in shapes.get(region, []):
             _fill_dilated(draw, to_px(shape), margin)
         masks |= np.asarray(layer, dtype=np.uint8) << bit
@@ -428,9 +491,12 @@ def generate(out: Path, config: SynthConfig, progress: bool = True) -> DatasetSp
     marks_table = pd.DataFrame(coordinates, columns=header)
     marks_table.insert(0, "id", table["id"])
     marks_table.to_csv(out / "landmarks.csv", index=False, float_format="%.2f")
+    attributes = dict(ATTRIBUTES)
+    if config.bias_shift:
+        attributes[config.bias_attribute] = replace(attributes[config.bias_attribute], rating_biases=["group"])
     spec = DatasetSpec(
         name="psyface-synthetic",
-        attributes=ATTRIBUTES,
+        attributes=attributes,
         identity_column="identity",
         sensitive_features={"group": ["A", "B"], "gender": ["feminine", "masculine"],
                             "age_band": ["young", "middle", "older"]},
