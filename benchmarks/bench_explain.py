@@ -1,23 +1,31 @@
-"""Grad-CAM for every attribute: psyface's batched path vs. the peer's per-image, per-attribute loop.
+"""Every method for every attribute: psyface's batched path vs. the libraries' own loops.
 
-Same network (VGG16, GAP head, one output per attribute, fixed random weights: the cost does not
-depend on training), same faces, same maps (asserted). Also prints what IG and occlusion cost per
-image with the stage's default options. Target: batched >= 10x faster than the loop.
+Same network (the default VGG16-BN, GAP head, one output per attribute, fixed random weights: the
+cost does not depend on training), same faces, same maps (asserted). Grad-CAM against the peer's
+per-image, per-attribute Captum loop; Grad-CAM, HiResCAM and LRP against pytorch-grad-cam's and
+zennit's one call per attribute; the other methods' cost per image with params.yaml's options.
 
-    PYTHONPATH=src python benchmarks/bench_explain.py [--images 32] [--size 64]
+    PYTHONPATH=src python benchmarks/bench_explain.py [--images 16] [--few 2] [--size 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from captum.attr import LayerAttribution, LayerGradCam
+from pytorch_grad_cam import GradCAM, HiResCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from zennit.attribution import Gradient
 
 from psyface.artifacts import PREPARED_DIR, load_prepared
-from psyface.explain.methods import MethodOptions, attribute
+from psyface.config import load_section
+from psyface.explain.methods import MethodOptions, attribute, lrp_composite, vgg_conv_names
+from psyface.explain.stage import ExplainParams
 from psyface.model import build_model, to_input
 
 N_ATTRIBUTES = 7  # the default synthetic data set's attributes
@@ -34,14 +42,44 @@ def faces(n_images: int, size: int) -> tuple[np.ndarray, str]:
     return rng.integers(0, 256, (n_images, size, size, 3), dtype=np.uint8), "uniform noise images"
 
 
-def per_image_loop(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def per_image_loop(model: torch.nn.Module, inputs: torch.Tensor, layer_name: str) -> torch.Tensor:
     """The notebook way: one Captum call per image and attribute."""
     maps = torch.zeros(len(inputs), N_ATTRIBUTES, *inputs.shape[-2:])
-    gradcam = LayerGradCam(model, model.last_conv)
+    layer = model.last_conv if layer_name == "last" else model.features[vgg_conv_names(model.features)[layer_name]]
+    gradcam = LayerGradCam(model, layer)
     for i in range(len(inputs)):
         for target in range(N_ATTRIBUTES):
             cam = gradcam.attribute(inputs[i : i + 1], target=target, relu_attributions=True)
             maps[i, target] = LayerAttribution.interpolate(cam, tuple(inputs.shape[-2:]), interpolate_mode="bilinear")[0, 0].detach()
+    return maps
+
+
+def library_loop(model: torch.nn.Module, inputs: torch.Tensor, method: str, options: MethodOptions) -> torch.Tensor:
+    """The libraries' documented way: one call per attribute (all images at once), on the whole model.
+    pytorch-grad-cam's own output is min-max scaled per image, so its raw cams are compared: the
+    layer's activations and gradients its hooks recorded, through the same class's `get_cam_image`."""
+    maps = torch.zeros(len(inputs), N_ATTRIBUTES, *inputs.shape[-2:])
+    if method == "lrp":
+        composite = lrp_composite(options.lrp_composite)
+        for target in range(N_ATTRIBUTES):
+            with torch.no_grad():
+                start = model(inputs) * torch.nn.functional.one_hot(torch.full((len(inputs),), target), N_ATTRIBUTES)
+            with Gradient(model=model, composite=composite) as attributor:
+                maps[:, target] = attributor(inputs, start)[1].sum(1)
+        return maps
+    cam_class = {"gradcam": GradCAM, "hirescam": HiResCAM}[method]
+    ready = copy.deepcopy(model)
+    for module in ready.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    layer = ready.features[vgg_conv_names(model.features)[options.gradcam_layer]]
+    with cam_class(ready, [layer]) as cam:
+        for target in range(N_ATTRIBUTES):
+            cam(inputs, [ClassifierOutputTarget(target)] * len(inputs))  # the library's scaled maps
+            activations, gradients = (cam.activations_and_grads.activations[0].numpy(), cam.activations_and_grads.gradients[0].numpy())
+            raw = np.maximum(cam.get_cam_image(inputs, layer, None, activations, gradients, False), 0)
+            maps[:, target] = LayerAttribution.interpolate(torch.from_numpy(raw)[:, None], tuple(inputs.shape[-2:]),
+                                                           interpolate_mode="bilinear")[:, 0]
     return maps
 
 
@@ -57,37 +95,48 @@ def seconds(function, *args, repeats: int = 3) -> tuple[float, object]:  # noqa:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--few", type=int, default=2, help="images for the costly methods (IG, SmoothGrad, occlusion)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16, help="the stage's explain.batch_size")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = build_model("vgg16", "gap", N_ATTRIBUTES).eval()
+    model = build_model("vgg16_bn", "gap", N_ATTRIBUTES).eval()  # the default network (last_conv_stride 16)
     images, source = faces(args.images, args.size)
     inputs = to_input(images).contiguous()
-    print(f"{args.images} {source} at {args.size} px, VGG16, {N_ATTRIBUTES} attributes, {torch.get_num_threads()} threads")
+    options = load_section("explain", ExplainParams).options if Path("params.yaml").is_file() else MethodOptions()
+    print(f"{args.images} {source} at {args.size} px, VGG16-BN, {N_ATTRIBUTES} attributes, {torch.get_num_threads()} threads, "
+          f"CAM layer {options.gradcam_layer}")
 
-    def batched() -> torch.Tensor:
-        return torch.cat([attribute(model, batch, "gradcam") for batch in inputs.split(args.batch_size)])
+    def batched(method: str, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([attribute(model, batch, method, options) for batch in rows.split(args.batch_size)])
 
-    loop_s, loop_maps = seconds(per_image_loop, model, inputs, repeats=1)
-    batched_s, batched_maps = seconds(batched)
+    print(f"{'ms per image, all attributes':<44}{'library loop':>14}{'psyface batched':>17}{'ratio':>8}   maps")
+    loop_s, loop_maps = seconds(per_image_loop, model, inputs, options.gradcam_layer, repeats=1)
+    batched_s, batched_maps = seconds(batched, "gradcam", inputs)
     torch.testing.assert_close(batched_maps, loop_maps, rtol=1e-3, atol=1e-5 * float(loop_maps.abs().max()))
-    ratio = loop_s / batched_s
-    print(f"{'Grad-CAM, all attributes':<34}{'per-image loop':>16}{'psyface batched':>17}{'ratio':>8}")
-    print(f"{'seconds for ' + str(args.images) + ' images':<34}{loop_s:>16.2f}{batched_s:>17.2f}{ratio:>7.1f}x"
-          f"   (target >= 10x: {'met' if ratio >= 10 else 'NOT met'}; maps equal)")
-
-    options = MethodOptions()
-    few = inputs[:2]
+    row("gradcam vs Captum per image", loop_s, batched_s, args.images)
+    for method in ("gradcam", "hirescam", "lrp"):
+        rows = inputs if method != "lrp" else inputs[: max(args.few, 4)]
+        loop_s, loop_maps = seconds(library_loop, model, rows, method, options, repeats=1)
+        batched_s, batched_maps = seconds(batched, method, rows, repeats=1)
+        torch.testing.assert_close(batched_maps, loop_maps, rtol=1e-3, atol=1e-4 * float(loop_maps.abs().max()))
+        row(f"{method} vs {'zennit' if method == 'lrp' else 'pytorch-grad-cam'} per attribute", loop_s, batched_s, len(rows))
+    for method in ("gradcam_plusplus", "layercam"):
+        took, _ = seconds(batched, method, inputs, repeats=1)
+        print(f"{method:<44}{'':>14}{1000 * took / len(inputs):>17.0f}")
+    few = inputs[: args.few]
     for method, detail in (
         ("integrated_gradients", f"{options.ig_steps} steps, {options.ig_baseline} baseline"),
+        ("smoothgrad", f"{options.smoothgrad_samples} samples, stdev {options.smoothgrad_stdev}"),
         ("occlusion", f"window {options.occlusion_window}, stride {options.occlusion_stride}"),
-        ("lrp", "VGG composite"),
     ):
         took, _ = seconds(attribute, model, few, method, options, repeats=1)
-        print(f"{method:<22} {took / len(few):7.2f} s per image, all {N_ATTRIBUTES} attributes ({detail})")
-    print(f"{'gradcam':<22} {batched_s / len(inputs):7.3f} s per image, all {N_ATTRIBUTES} attributes (batched)")
+        print(f"{method:<44}{'':>14}{1000 * took / len(few):>17.0f}   ({detail})")
+
+
+def row(label: str, loop_s: float, batched_s: float, n_images: int) -> None:
+    print(f"{label:<44}{1000 * loop_s / n_images:>14.0f}{1000 * batched_s / n_images:>17.0f}{loop_s / batched_s:>7.1f}x   equal")
 
 
 if __name__ == "__main__":

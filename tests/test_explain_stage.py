@@ -24,7 +24,7 @@ from tests.explain_models import tiny_vgg
 
 FAST = ExplainParams(
     options=MethodOptions(ig_steps=4, occlusion_window=16, occlusion_stride=16),
-    max_images={"integrated_gradients": 2, "occlusion": 2},
+    max_images={"integrated_gradients": 2, "occlusion": 2, "smoothgrad": 2},
     raw_maps_images=3,
     deletion_images=2,
     deletion_steps=4,

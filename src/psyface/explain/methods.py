@@ -4,6 +4,10 @@ Every method explains all A outputs (attributes) of a batch at once: the batch i
 rows with per-row targets (or, for occlusion, every output is attributed in the same pass), so there
 is no Python loop over images or attributes. Pixel maps are summed over colour channels and stay
 signed; `scores.relevance` decides how signs count.
+
+The maths is the reference libraries': Captum (integrated gradients, SmoothGrad, occlusion),
+pytorch-grad-cam (the CAM family), zennit (LRP). Hand-written here is only what they do not do:
+batching over attributes, the trunk/tail split and CAM post-processing that keeps maps comparable.
 """
 
 from __future__ import annotations
@@ -11,20 +15,27 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, NamedTuple, get_args
 
+import numpy as np
 import torch
 from captum.attr import (
-    LRP,
     IntegratedGradients,
     LayerAttribution,
-    LayerGradCam,
+    NoiseTunnel,
     Occlusion,
+    Saliency,
 )
-from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
+from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
+from zennit.core import Composite
 
-from psyface.config import PositiveInt
+from psyface.config import OpenUnitFloat, PositiveInt
 from psyface.errors import PsyfaceError
 from psyface.model import (
     IMAGENET_MEAN,
@@ -34,9 +45,13 @@ from psyface.model import (
     n_outputs_of,
 )
 
-Method = Literal["gradcam", "integrated_gradients", "lrp", "occlusion"]
-METHODS: tuple[Method, ...] = ("gradcam", "integrated_gradients", "lrp", "occlusion")
+Method = Literal[
+    "gradcam", "hirescam", "gradcam_plusplus", "layercam", "integrated_gradients", "smoothgrad", "lrp", "occlusion"
+]
+METHODS: tuple[Method, ...] = get_args(Method)
 Baseline = Literal["black", "mean"]
+LrpComposite = Literal["epsilon_gamma_box", "epsilon_plus_flat"]
+SMOOTHGRAD_SEED = 0  # SmoothGrad's noise is drawn from this seed on every call: the same maps on every run
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,13 @@ class MethodOptions:
     occlusion_stride: PositiveInt = 4
     occlusion_batch: PositiveInt = 64  # occluded images per forward pass
     gradcam_layer: str = "last"  # last: the last convolution; convB_L: VGG block B, layer L (a finer grid)
+    # epsilon_gamma_box (default): the two conserve relevance equally well in the tests (within 0.05% without
+    # biases), so the tie goes to pixel detail: z-box on the input layer uses the pixels, the flat rule spreads
+    # relevance evenly over each receptive field (Montavon et al. 2019 recommend gamma + z-box for VGG).
+    lrp_composite: LrpComposite = "epsilon_gamma_box"
+    smoothgrad_samples: PositiveInt = 16  # noisy copies averaged per image
+    smoothgrad_stdev: OpenUnitFloat = 0.15  # noise SD as a share of the pixel range (Smilkov et al.: 0.1-0.2)
+    smoothgrad_samples_batch: PositiveInt = 4  # noisy copies of each row per forward pass
 
 
 AttributionFn = Callable[[nn.Module, torch.Tensor, MethodOptions], torch.Tensor]
@@ -75,6 +97,11 @@ def expand_targets(rows: torch.Tensor, n_targets: int) -> tuple[torch.Tensor, to
     return expanded, targets
 
 
+def per_image(maps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """(N*A, C, H, W) row maps -> (N, A, H, W), colour channels summed."""
+    return maps.sum(dim=1).reshape(images.shape[0], -1, *images.shape[-2:])
+
+
 def vgg_conv_names(features: nn.Sequential) -> dict[str, int]:
     """VGG's names for the convolutions of a `features` stack ('conv1_1' ... 'conv5_3') -> index."""
     names, block, layer = {}, 1, 0
@@ -93,8 +120,8 @@ def split_at_conv(model: nn.Module, layer_name: str = "last") -> tuple[nn.Module
     For a VGG-like `features` Sequential the trunk ends at the named convolution (`last`: the last
     one) and the tail starts with an Identity standing for its output, so the expensive trunk runs
     once per image while only the tail is repeated per attribute. Other backbones attribute on the
-    whole model at their last convolution. The tail may hold in-place ReLUs: only Captum (which
-    hooks a copy of the layer output) runs it.
+    whole model at their last convolution. The tail shares the model's modules (in-place ReLUs
+    included): `cam_ready` copies it before hooks see its activations.
     """
     features = getattr(model, "features", None)
     if not isinstance(features, nn.Sequential):
@@ -124,73 +151,197 @@ def gradcam_grid(model: nn.Module, images: torch.Tensor, layer_name: str = "last
         return tuple(trunk(images[:1]).shape[-2:])  # type: ignore[return-value]
 
 
-def gradcam(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
-    """Grad-CAM (ReLU of the gradient-weighted channels of `options.gradcam_layer`), upsampled bilinearly."""
+class RawCams:
+    """pytorch-grad-cam's CAM maths (each class's `get_cam_image`) with psyface's post-processing.
+
+    The library min-max scales every cam to [0, 1] and resizes it with OpenCV, so a faint map and a
+    strong one look alike and maps cannot be compared across images or attributes. Here each layer's
+    cam keeps its raw scale (ReLU only, as the library does) and is upsampled bilinearly to the image
+    (Captum's `LayerAttribution.interpolate`, as Grad-CAM always was here). Several layers (LayerCAM)
+    are averaged after bringing each to the first (finest) layer's density: a coarse cell sums what
+    several fine ones do, so its value is divided by how many of the first layer's cells it covers.
+    """
+
+    image_size: tuple[int, int]
+
+    def compute_cam_per_layer(self: Any, input_tensor: torch.Tensor, targets: list, eigen_smooth: bool) -> list[torch.Tensor]:
+        activations = [a.numpy() for a in self.activations_and_grads.activations]
+        gradients = [g.numpy() for g in self.activations_and_grads.gradients]
+        first_cells = activations[0].shape[-2] * activations[0].shape[-1]
+        cams = []
+        for layer, activation, gradient in zip(self.target_layers, activations, gradients, strict=True):
+            cam = np.maximum(self.get_cam_image(input_tensor, layer, targets, activation, gradient, eigen_smooth), 0)
+            cam = torch.from_numpy(cam)[:, None] * (cam.shape[-2] * cam.shape[-1] / first_cells)
+            cams.append(LayerAttribution.interpolate(cam, self.image_size, interpolate_mode="bilinear"))
+        return cams
+
+    def aggregate_multi_layers(self, cams: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(cams).mean(0)
+
+
+CAMS: dict[str, type[BaseCAM]] = {
+    name: type(f"Raw{cam.__name__}", (RawCams, cam), {})
+    for name, cam in (("gradcam", GradCAM), ("hirescam", HiResCAM), ("gradcam_plusplus", GradCAMPlusPlus), ("layercam", LayerCAM))
+}
+
+
+def cam_ready(tail: nn.Module, layers: list[nn.Module]) -> tuple[nn.Module, list[nn.Module]]:
+    """A copy of `tail` (and of its `layers`) pytorch-grad-cam can hook: it keeps references to the
+    activations it records, which a later in-place ReLU would overwrite; and no parameter gradients
+    (only the layers' are needed)."""
+    ready, ready_layers = copy.deepcopy((tail, layers))
+    for module in ready.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    ready.requires_grad_(False)
+    return ready.eval(), ready_layers
+
+
+def cam_family(model: nn.Module, images: torch.Tensor, options: MethodOptions, method: str) -> torch.Tensor:
+    """A pytorch-grad-cam method at `options.gradcam_layer` (LayerCAM: it and every later convolution,
+    so coarse late layers add what the finer chosen one misses), one regression target per row."""
     trunk, tail, layer = split_at_conv(model, options.gradcam_layer)
+    layers = [layer]
+    if method == "layercam" and isinstance(tail, nn.Sequential):
+        layers += [module for module in tail.modules() if isinstance(module, nn.Conv2d)]
+    ready, ready_layers = cam_ready(tail, layers)
     with torch.no_grad():
         activations = trunk(images)
     expanded, targets = expand_targets(activations, n_outputs_of(model))
-    cams = LayerGradCam(tail, layer).attribute(expanded, target=targets, relu_attributions=True)
-    cams = LayerAttribution.interpolate(cams, tuple(images.shape[-2:]), interpolate_mode="bilinear")
-    return cams.reshape(images.shape[0], -1, *images.shape[-2:])
+    with CAMS[method](ready, ready_layers) as cam:
+        cam.image_size = tuple(images.shape[-2:])
+        maps = cam(expanded.requires_grad_(), [ClassifierOutputTarget(int(t)) for t in targets])
+    return maps.reshape(images.shape[0], -1, *images.shape[-2:])
+
+
+def gradcam(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
+    """Grad-CAM: ReLU of the channels of `options.gradcam_layer` weighted by their mean gradient."""
+    return cam_family(model, images, options, "gradcam")
+
+
+def hirescam(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
+    """HiResCAM: gradient times activation per position, summed over channels (faithful to the layer)."""
+    return cam_family(model, images, options, "hirescam")
+
+
+def gradcam_plusplus(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
+    """Grad-CAM++: channel weights from positive higher-order gradient terms."""
+    return cam_family(model, images, options, "gradcam_plusplus")
+
+
+def layercam(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
+    """LayerCAM: positive gradient times activation per position, over the chosen and later layers."""
+    return cam_family(model, images, options, "layercam")
+
+
+def pixel_bounds(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest and highest normalised input (pixel values 0 and 1), (1, 3, 1, 1) each: z-box's box."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return -mean / std, (1 - mean) / std
 
 
 def baseline_image(images: torch.Tensor, kind: Baseline) -> torch.Tensor:
     """`black`: a black image after normalisation; `mean`: the ImageNet mean colour (zeros)."""
     if kind == "mean":
         return torch.zeros_like(images[:1])
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (-mean / std).expand_as(images[:1]).contiguous()
+    return pixel_bounds(images.device)[0].expand_as(images[:1]).contiguous()
 
 
-def integrated_gradients(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
+class Completeness(NamedTuple):
+    """Integrated gradients and how far they are from completeness: the maps should sum to
+    f(x) - f(baseline); `delta` (N, A) is the absolute gap (Captum's convergence delta), `relative`
+    that gap over |f(x) - f(baseline)| (inf where the output does not move)."""
+
+    maps: torch.Tensor
+    delta: np.ndarray
+    relative: np.ndarray
+
+
+def integrated_gradients_with_delta(model: nn.Module, images: torch.Tensor, options: MethodOptions = MethodOptions()) -> Completeness:
+    """IG maps (N, A, H, W) with their completeness gap; an ensemble member by member."""
+    model.eval()
+    if isinstance(model, AttributeEnsemble):
+        parts = [integrated_gradients_with_delta(member, images, options) for member in model.members]
+        return Completeness(*(np.concatenate(p, 1) if i else torch.cat(p, 1) for i, p in enumerate(zip(*parts, strict=True))))
     expanded, targets = expand_targets(images, n_outputs_of(model))
-    maps = IntegratedGradients(model).attribute(
+    baseline = baseline_image(images, options.ig_baseline)
+    maps, delta = IntegratedGradients(model).attribute(
         expanded,
-        baselines=baseline_image(images, options.ig_baseline),
+        baselines=baseline,
         target=targets,
         n_steps=options.ig_steps,
         internal_batch_size=options.ig_internal_batch_size,
+        return_convergence_delta=True,
     )
-    return maps.sum(dim=1).reshape(images.shape[0], -1, *images.shape[-2:])
+    with torch.no_grad():
+        gap = (model(images) - model(baseline)).abs().flatten()
+    delta = delta.detach().abs()
+    relative = torch.where(gap > 0, delta / gap, torch.inf)
+    shape = (images.shape[0], -1)
+    return Completeness(per_image(maps, images).detach().float(), delta.reshape(shape).numpy(), relative.reshape(shape).numpy())
 
 
-def lrp_ready(model: nn.Module) -> nn.Module:
-    """A copy of `model` Captum's LRP can run, with a VGG composite (Montavon et al. 2019).
+def integrated_gradients(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
+    return integrated_gradients_with_delta(model, images, options).maps
 
-    LRP-gamma on the lower third of the convolutions, LRP-epsilon (0.25) above them, LRP-0 on the
-    dense layers. In-place ReLUs break Captum's backward hooks, so they become out-of-place;
-    `Flatten` only reshapes and an `Identity` (a skipped max-pool) does nothing, so relevance passes
-    them unchanged (epsilon rule on an identity).
-    """
-    ready = copy.deepcopy(model).eval()
-    convs = [m for m in ready.modules() if isinstance(m, nn.Conv2d)]
-    lower = set(map(id, convs[: max(1, len(convs) // 3)]))
-    for module in ready.modules():
-        if isinstance(module, nn.ReLU):
-            module.inplace = False
-        if isinstance(module, nn.Conv2d):
-            module.rule = GammaRule(gamma=0.25) if id(module) in lower else EpsilonRule(epsilon=0.25)
-        elif isinstance(module, nn.Linear):
-            module.rule = EpsilonRule(epsilon=1e-9)
-        elif isinstance(module, nn.Flatten | nn.Identity):
-            module.rule = EpsilonRule(epsilon=1e-9)
-    return ready
+
+def smoothgrad(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
+    """SmoothGrad: the signed gradient averaged over noisy copies (Captum's NoiseTunnel over Saliency).
+
+    Over Saliency rather than IG: that is SmoothGrad as published (Smilkov et al. 2017), and IG is
+    already here; over IG it would cost ig_steps times more. The noise SD is `smoothgrad_stdev` of
+    the pixel range in normalised units (the mean over colour channels of 1 / std: they differ by
+    2%); the noise comes from a fixed seed, so the maps are reproducible, though not identical for
+    an image explained alone or in a batch (the draws differ)."""
+    expanded, targets = expand_targets(images, n_outputs_of(model))
+    stdev = options.smoothgrad_stdev * float(np.mean(1 / np.asarray(IMAGENET_STD)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SMOOTHGRAD_SEED)
+        maps = NoiseTunnel(Saliency(model)).attribute(
+            expanded,
+            nt_type="smoothgrad",
+            nt_samples=options.smoothgrad_samples,
+            nt_samples_batch_size=options.smoothgrad_samples_batch,
+            stdevs=stdev,
+            target=targets,
+            abs=False,
+        )
+    return per_image(maps, images)
+
+
+def lrp_composite(name: str, device: torch.device | str = "cpu") -> Composite:
+    """zennit's VGG composite `name`, with batch norm merged into the convolution before it.
+
+    `SequentialMergeBatchNorm` (what zennit's `VGGCanonizer` is) merges every batch norm that directly
+    follows a convolution among the model's leaf modules in registration order; AttributeNet's
+    `features` Sequential is registered in forward order, so every conv -> BN pair merges (tested)."""
+    canonizers = [SequentialMergeBatchNorm()]
+    if name == "epsilon_gamma_box":
+        low, high = pixel_bounds(device)
+        return EpsilonGammaBox(low=low, high=high, canonizers=canonizers)
+    if name == "epsilon_plus_flat":
+        return EpsilonPlusFlat(canonizers=canonizers)
+    raise PsyfaceError(f"unknown lrp_composite {name!r}; known: {list(get_args(LrpComposite))}")
+
+
+def lrp_relevance(model: nn.Module, images: torch.Tensor, composite: Composite) -> torch.Tensor:
+    """Input relevance (N*A, C, H, W) of every output under `composite`, in one backward pass: each
+    image is repeated once per output and the output relevance is that row's target output (one-hot
+    times the output, as Captum starts: the input relevance then sums to about the prediction)."""
+    expanded, targets = expand_targets(images, n_outputs_of(model))
+    one_hot = nn.functional.one_hot(targets, n_outputs_of(model)).to(images.dtype)
+    with Gradient(model=model, composite=composite) as attributor:
+        _, relevance = attributor(expanded, lambda output: output * one_hot)
+    return relevance
 
 
 def lrp(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
-    nets = list(model.members) if isinstance(model, AttributeEnsemble) else [model]
-    if any(hasattr(getattr(net, "features", None), "backbone") for net in nets):  # a torchvision/timm adapter
+    """Layer-wise relevance propagation with zennit's `options.lrp_composite`."""
+    if hasattr(getattr(model, "features", None), "backbone"):  # a torchvision/timm adapter
         raise PsyfaceError("LRP is not available for this architecture: its rules here fit plain convolution "
                            "stacks (VGG), not residual, depthwise or attention blocks")
-    ready = lrp_ready(model)
-    expanded, targets = expand_targets(images, n_outputs_of(ready))
-    try:
-        maps = LRP(ready).attribute(expanded.requires_grad_(), target=targets)
-    except TypeError as error:
-        raise PsyfaceError(f"LRP cannot explain this architecture: {error}") from None
-    return maps.sum(dim=1).reshape(images.shape[0], -1, *images.shape[-2:])
+    return per_image(lrp_relevance(model, images, lrp_composite(options.lrp_composite, images.device)), images)
 
 
 def occlusion(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
@@ -204,12 +355,16 @@ def occlusion(model: nn.Module, images: torch.Tensor, options: MethodOptions) ->
         target=None,  # attribute every output element: (N*A, C, H, W), row i*A + a
         perturbations_per_eval=max(1, options.occlusion_batch // images.shape[0]),
     )
-    return maps.sum(dim=1).reshape(images.shape[0], -1, *images.shape[-2:])
+    return per_image(maps, images)
 
 
 ATTRIBUTIONS: dict[str, AttributionFn] = {
     "gradcam": gradcam,
+    "hirescam": hirescam,
+    "gradcam_plusplus": gradcam_plusplus,
+    "layercam": layercam,
     "integrated_gradients": integrated_gradients,
+    "smoothgrad": smoothgrad,
     "lrp": lrp,
     "occlusion": occlusion,
 }
