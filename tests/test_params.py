@@ -42,7 +42,7 @@ ZERO_ALLOWED = {
     "landmarks.max_problem_fraction", "expressions.seed", "expressions.tolerance",
     "expressions.training.weight_decay", "explain.max_images.integrated_gradients", "explain.max_images.lrp",
     "explain.max_images.occlusion", "explain.raw_maps_images", "explain.sanity_threshold", "explain.rma_target",
-    "explain.seed", "report.seed", "report.manifold.umap_min_dist", "report.fairness.min_abs_gap_sd",
+    "explain.min_test_r", "explain.seed", "report.seed", "report.manifold.umap_min_dist", "report.fairness.min_abs_gap_sd",
 }
 
 

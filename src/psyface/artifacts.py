@@ -33,6 +33,7 @@ EVALUATE_PLOTS_DIR = Path("reports/evaluate")
 EXPLAIN_FIGURES_DIR = Path("reports/explain/figures")
 EXPLAIN_METRICS_FILE = Path("reports/explain/metrics.json")
 EXPLAIN_MAPS_FILE = Path("artifacts/explain/maps.npz")
+EXPLAIN_GROUND_TRUTH_FILE = Path("reports/explain/ground_truth.json")  # the ground_truth stage's check of the regions
 
 
 def read_split(path: Path = SPLIT_FILE) -> pd.DataFrame:
