@@ -46,6 +46,20 @@ def region_model(region: torch.Tensor, seed: int = 0) -> AttributeNet:
     return AttributeNet(features, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)), linear).eval()
 
 
+def weighted_region_model(region: torch.Tensor, n_outputs: int = 1, seed: int = 0) -> AttributeNet:
+    """Outputs that depend only on the pixels in `region` through the *weights* (a dense head that is
+    zero outside it), not through a fixed buffer as in `region_model`: randomising the weights
+    spreads its maps over the face, so the model passes the randomisation check as well as
+    localising the region. Positive weights: positive maps."""
+    torch.manual_seed(seed)
+    conv, linear = nn.Conv2d(3, 4, 1), nn.Linear(4 * SIZE * SIZE, n_outputs)
+    with torch.no_grad():
+        conv.weight.abs_()
+        conv.bias.zero_()
+        linear.weight.copy_((linear.weight.abs().reshape(n_outputs, 4, SIZE, SIZE) * region).flatten(1))
+    return AttributeNet(nn.Sequential(conv, nn.ReLU()), nn.Flatten(1), linear).eval()
+
+
 def box(top: int, bottom: int, left: int, right: int) -> torch.Tensor:
     mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     mask[top:bottom, left:right] = True

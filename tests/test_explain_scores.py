@@ -4,21 +4,26 @@ import numpy as np
 import pytest
 import torch
 from captum.attr import LayerAttribution
+from torch import nn
 
 from psyface.explain.methods import MethodOptions, attribute
 from psyface.explain.scores import (
     area_under_curve,
-    deletion_curves,
+    bootstrap_mean_interval,
+    cascade_steps,
+    cascading_randomisation,
     grid_ceiling,
     mask_share,
+    perturbation_curves,
     pointing_game,
     random_order,
     randomisation_correlation,
-    randomised_copy,
     rank_correlation,
     relevance,
     relevance_mass_accuracy,
+    relevance_rank_accuracy,
 )
+from psyface.model import AttributeEnsemble
 from tests.explain_models import (  # noqa: F401 (images: a fixture)
     SIZE,
     box,
@@ -42,6 +47,24 @@ def test_relevance_mass_accuracy_and_pointing_game_on_hand_made_maps():
     np.testing.assert_allclose(mask_share(masks), [0.25, 0.25])
 
 
+def test_relevance_rank_accuracy_counts_the_mask_sized_top_of_the_map():
+    masks = torch.zeros(3, 4, 4, dtype=torch.bool)
+    masks[:, 0, :] = True  # K = 4 pixels
+    maps = torch.zeros(3, 4, 4)
+    maps[0, 0, :] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # the top 4 are the mask: 1
+    maps[1, 0, :2], maps[1, 3, :] = 9.0, torch.tensor([5.0, 6.0, 7.0, 8.0])  # top 4: 2 in the mask, 2 below it
+    maps[1, 0, 2:] = 1.0
+    maps[2] = 0.0  # no relevance: undefined
+    np.testing.assert_allclose(relevance_rank_accuracy(maps, masks), [1.0, 0.5, np.nan])
+    sparse = torch.zeros(1, 4, 4)
+    sparse[0, 0, 0], sparse[0, 3, 3] = 2.0, 1.0  # 2 of the top 4 places go to the 14 zeros, 3 of them in the mask
+    assert relevance_rank_accuracy(sparse, masks[:1])[0] == pytest.approx((1 + 2 * 3 / 14) / 4)
+    flat = torch.ones(1, 4, 4)  # every pixel ties at the peak: the pointing game scores chance
+    assert pointing_game(flat, masks[:1])[0] == pytest.approx(0.25)
+    # Mass counts how much the top carries, rank only where it is: 20 of the 46 units of mass are inside
+    assert relevance_mass_accuracy(maps[1:2], masks[1:2])[0] == pytest.approx(20 / 46)
+
+
 def test_scores_are_undefined_without_a_mask_or_without_relevance():
     maps = torch.ones(2, 4, 4)
     maps[1] = 0
@@ -49,6 +72,7 @@ def test_scores_are_undefined_without_a_mask_or_without_relevance():
     masks[1, 0, 0] = True
     assert np.isnan(relevance_mass_accuracy(maps, masks)).all()
     assert np.isnan(pointing_game(maps, masks)).all()
+    assert np.isnan(relevance_rank_accuracy(maps, masks)).all()
 
 
 @pytest.mark.parametrize("method", ["gradcam", "integrated_gradients", "occlusion"])
@@ -58,22 +82,35 @@ def test_a_model_that_only_sees_the_mouth_scores_near_one_on_the_mouth_and_near_
     looks_at_eyes = relevance(attribute(region_model(EYES), images, method, options))[:, 0]
     masks = MOUTH.expand(len(images), SIZE, SIZE)
     assert relevance_mass_accuracy(looks_at_mouth, masks).min() > 0.95
+    assert relevance_rank_accuracy(looks_at_mouth, masks).min() > 0.7
     assert pointing_game(looks_at_mouth, masks).min() == 1.0
     assert relevance_mass_accuracy(looks_at_eyes, masks).max() < 0.05
+    assert relevance_rank_accuracy(looks_at_eyes, masks).max() < 0.05
     assert pointing_game(looks_at_eyes, masks).max() == 0.0
     assert mask_share(masks)[0] == pytest.approx(8 * 16 / SIZE**2)
 
 
-def test_deleting_the_pixels_a_model_uses_first_beats_a_random_order(images):
+def test_deleting_or_inserting_the_pixels_a_model_uses_first_beats_a_random_order(images):
     model = region_model(MOUTH)
     faithful = MOUTH.float().expand(len(images), 1, SIZE, SIZE)
-    curves = deletion_curves(model, images, faithful, steps=8)
-    random = deletion_curves(model, images, random_order(faithful.shape, seed=0), steps=8)
-    assert curves.shape == (3, 1, 9)
-    assert (curves[..., 0] == 0).all()
-    np.testing.assert_allclose(curves[..., -1], random[..., -1], rtol=1e-5)  # all deleted: same image
-    np.testing.assert_allclose(curves[..., 1], curves[..., -1], rtol=1e-5)  # first 1/8 = the mouth
-    assert (area_under_curve(curves) > 1.5 * area_under_curve(random)).all()
+    deletion, insertion = perturbation_curves(model, images, faithful, steps=8)
+    random_deletion, random_insertion = perturbation_curves(model, images, random_order(faithful.shape, seed=0), steps=8)
+    assert deletion.shape == insertion.shape == (3, 1, 9)
+    assert (deletion[..., 0] == 0).all() and (insertion[..., 0] == 0).all()
+    # All deleted is the baseline image; all inserted is the image itself: both curves end at |f(x) - f(baseline)|
+    np.testing.assert_allclose(deletion[..., -1], random_deletion[..., -1], rtol=1e-5)
+    np.testing.assert_allclose(insertion[..., -1], deletion[..., -1], rtol=1e-5)
+    np.testing.assert_allclose(deletion[..., 1], deletion[..., -1], rtol=1e-5)  # first 1/8 = the mouth
+    np.testing.assert_allclose(insertion[..., 1], insertion[..., -1], rtol=1e-5)  # inserting it restores f(x)
+    assert (area_under_curve(deletion) > 1.5 * area_under_curve(random_deletion)).all()
+    assert (area_under_curve(insertion) > 1.5 * area_under_curve(random_insertion)).all()
+
+
+def test_insertion_of_the_wrong_region_first_stays_at_the_baseline(images):
+    model = region_model(MOUTH)
+    wrong = EYES.float().expand(len(images), 1, SIZE, SIZE)
+    _, insertion = perturbation_curves(model, images, wrong, steps=8)
+    np.testing.assert_allclose(insertion[..., 1], 0, atol=1e-6)  # the eyes inserted: the mouth is still grey
 
 
 def test_rank_correlation_is_one_for_monotone_maps_and_zero_for_constant_ones():
@@ -83,19 +120,68 @@ def test_rank_correlation_is_one_for_monotone_maps_and_zero_for_constant_ones():
     np.testing.assert_allclose(rank_correlation(first[:1], -second[:1]), [-1.0])
 
 
-def test_a_method_that_ignores_the_weights_fails_the_randomisation_check(images):
-    def edge_detector(model, batch):  # looks only at the image: same map for any weights
-        edges = (batch[..., 1:, :] - batch[..., :-1, :]).abs().sum(1)
-        return edges[:, None].expand(-1, 3, -1, -1)
+def edge_detector(model, batch):
+    """A "method" that looks only at the image: the same map for any weights."""
+    edges = (batch[..., 1:, :] - batch[..., :-1, :]).abs().sum(1)
+    return edges[:, None].expand(-1, 3, -1, -1)
 
-    def check(explain, model):
-        return randomisation_correlation(explain(model, images), explain(randomised_copy(model, seed=0), images))
 
-    ignores_weights = check(edge_detector, tiny_vgg())
-    uses_weights = check(lambda model, batch: attribute(model, batch, "gradcam"), tiny_vgg(seed=3))
-    assert ignores_weights.shape == (9,)
-    assert ignores_weights.mean() == pytest.approx(1.0)
-    assert uses_weights.mean() < ignores_weights.mean() - 0.3
+def cascade_correlations(explain, model, images) -> dict[str, float]:
+    trained = explain(model, images)
+    return {step: float(randomisation_correlation(trained, explain(randomised, images)).mean())
+            for step, randomised in cascading_randomisation(model, seed=0)}
+
+
+def test_a_method_that_ignores_the_weights_fails_the_cascading_randomisation_and_gradcam_does_not(images):
+    ignores_weights = cascade_correlations(edge_detector, tiny_vgg(), images)
+    uses_weights = cascade_correlations(lambda model, batch: attribute(model, batch, "gradcam"), tiny_vgg(seed=3), images)
+    assert list(ignores_weights) == list(uses_weights) == ["head", "block3", "block2", "block1"]
+    assert all(value == pytest.approx(1.0) for value in ignores_weights.values())
+    assert all(value < 0.2 for value in uses_weights.values())  # the default sanity_threshold, at every step
+
+
+def test_the_cascade_randomises_from_the_output_down_cumulatively_and_leaves_the_model_alone():
+    model = tiny_vgg()
+    original = {name: value.clone() for name, value in model.state_dict().items()}
+    conv_names = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d | nn.Linear)]
+    changed_by_step = {}
+    for step, randomised in cascading_randomisation(model, seed=0):
+        state = randomised.state_dict()
+        changed_by_step[step] = [name for name in conv_names if not torch.equal(state[f"{name}.weight"], original[f"{name}.weight"])]
+    assert changed_by_step == {
+        "head": ["last_layer"],
+        "block3": ["features.6", "last_layer"],
+        "block2": ["features.3", "features.6", "last_layer"],
+        "block1": ["features.0", "features.3", "features.6", "last_layer"],
+    }
+    assert all(torch.equal(value, original[name]) for name, value in model.state_dict().items())
+
+
+def test_an_ensemble_randomises_the_same_step_of_every_member():
+    ensemble = AttributeEnsemble([tiny_vgg(n_outputs=1), tiny_vgg(n_outputs=1, seed=1)])
+    steps = cascade_steps(ensemble)
+    assert [name for name, _ in steps] == ["head", "block3", "block2", "block1"]
+    assert steps[0][1] == [member.last_layer for member in ensemble.members]
+
+
+def test_bootstrap_interval_holds_the_mean_narrows_with_more_faces_and_resamples_identities():
+    rng = np.random.default_rng(0)
+    few = rng.random(20)
+    many = rng.random(2000)
+    for values in (few, many):
+        low, high = bootstrap_mean_interval(values, np.arange(len(values)), n_boot=500, level=0.95, seed=0)
+        assert low < values.mean() < high
+    few_width = np.subtract(*bootstrap_mean_interval(few, np.arange(20), 500, 0.95, 0)[::-1])
+    many_width = np.subtract(*bootstrap_mean_interval(many, np.arange(2000), 500, 0.95, 0)[::-1])
+    assert many_width < few_width / 5  # ~ 1/sqrt(n)
+    # Two faces per person with the same score: 40 faces are 20 independent ones, not 40
+    twins = np.repeat(few, 2)
+    grouped = bootstrap_mean_interval(twins, np.repeat(np.arange(20), 2), 500, 0.95, 0)
+    ungrouped = bootstrap_mean_interval(twins, np.arange(40), 500, 0.95, 0)
+    assert np.subtract(*grouped[::-1]) > 1.2 * np.subtract(*ungrouped[::-1])
+    with_nan = bootstrap_mean_interval(np.array([np.nan, 0.5, 0.7, np.nan]), np.arange(4), 200, 0.95, 0)
+    assert 0.5 <= with_nan[0] <= with_nan[1] <= 0.7  # undefined scores are left out, not counted as 0
+    assert np.isnan(bootstrap_mean_interval(np.array([0.5, 0.5]), np.array([1, 1]), 200, 0.95, 0)).all()
 
 
 def test_grid_ceiling_is_chance_on_one_cell_one_on_pixels_and_bounds_every_map_on_the_grid():

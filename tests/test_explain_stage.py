@@ -26,9 +26,10 @@ FAST = ExplainParams(
     options=MethodOptions(ig_steps=4, occlusion_window=16, occlusion_stride=16),
     max_images={"integrated_gradients": 2, "occlusion": 2, "smoothgrad": 2},
     raw_maps_images=3,
-    deletion_images=2,
-    deletion_steps=4,
+    perturbation_images=2,
+    perturbation_steps=4,
     sanity_images=2,
+    n_boot=200,
 )
 
 
@@ -57,14 +58,36 @@ def test_every_method_is_scored_on_every_attribute_with_regions(explained):
     for method in FAST.methods:
         result = metrics[method]
         assert set(result["localisation"]) == with_regions
+        people = len(set(test.groups[: result["images"]]))
         for scores in result["localisation"].values():
             assert 0 < scores["chance"] < 1
-            assert 0 <= scores["relevance_mass_accuracy"] <= 1
-        assert result["deletion"]["gain"] == pytest.approx(result["deletion"]["auc"] - result["deletion"]["auc_random"])
-        assert -1 <= result["randomisation"]["rank_correlation"] <= 1
+            for score in ("relevance_mass_accuracy", "relevance_rank_accuracy", "pointing_game"):
+                if people < 2:  # the bootstrap resamples people: one person has no interval
+                    assert scores[f"{score}_ci_low"] is None and scores[f"{score}_ci_high"] is None
+                    continue
+                assert 0 <= scores[f"{score}_ci_low"] <= scores[score] <= scores[f"{score}_ci_high"] <= 1
+        for kind in ("deletion", "insertion"):
+            assert result[kind]["gain"] == pytest.approx(result[kind]["auc"] - result[kind]["auc_random"])
+        randomisation = result["randomisation"]
+        assert list(randomisation["cascade"]) == ["head", "block3", "block2", "block1"]
+        assert randomisation["rank_correlation"] == randomisation["cascade"]["block1"]  # the end of the cascade
+        assert randomisation["passed"] == (randomisation["rank_correlation"] < FAST.sanity_threshold)
+    assert "grid_ceiling" in metrics["gradcam"]["localisation"]["happy"]
+    assert "grid_ceiling" not in metrics["integrated_gradients"]["localisation"]["happy"]
     assert metrics["gradcam"]["images"] == len(test.ids) and metrics["occlusion"]["images"] == 2
-    assert set(metrics["targets"]) == {"gradcam_relevance_mass_accuracy", "gradcam_randomisation", "integrated_gradients_randomisation"}
     json.dumps(metrics, allow_nan=False)  # valid JSON for DVC: undefined numbers are null, not NaN
+
+
+def test_an_untrained_model_predicts_nothing_so_no_map_is_trusted(explained):
+    """Random weights: test r is noise for every attribute, and `control` has no regions at all."""
+    test, metrics, _, _ = explained
+    assert set(metrics["verdict"]) == set(metrics["test_r"]) == {*test.region_masks, "control"}
+    for name, verdict in metrics["verdict"].items():
+        if verdict["test_r"] is not None and verdict["test_r"] >= FAST.min_test_r:
+            continue  # chance can make a random network correlate with a rating on 16 faces
+        assert verdict["trusted_method"] is None and verdict["trusted"] is False
+        assert "its maps explain noise" in verdict["verdict"] and verdict["ground_truth"] == "not checked"
+    assert metrics["verdict"]["control"]["best_method"] is None  # nothing to localise
 
 
 def test_human_attention_masks_are_scored_like_region_masks(explained):
@@ -76,7 +99,8 @@ def test_human_attention_masks_are_scored_like_region_masks(explained):
 def test_figures_and_a_float16_subset_of_raw_maps(explained):
     test, _, raw, figures = explained
     names = {path.name for path in figures.iterdir()}
-    assert names == {"mean_heatmaps.png", "deletion.png", *(f"extremes_{m}.png" for m in FAST.methods)}
+    assert names == {"mean_heatmaps.png", "deletion_insertion.png", "randomisation.png",
+                     *(f"extremes_{m}.png" for m in FAST.methods)}
     assert raw["gradcam"].shape == (3, 7, 32, 32) and raw["gradcam"].dtype == np.float16
     assert raw["occlusion"].shape[0] == 2 and list(raw["ids"]) == test.ids[:3]
     assert np.abs(raw["gradcam"]).max() == pytest.approx(1.0, abs=1e-3)  # scaled per map; `_scale` restores
@@ -89,6 +113,8 @@ def test_metrics_flatten_to_mlflow_names(explained):
     flat = metric_values(metrics, "explain")
     assert flat["explain.gradcam.localisation.happy.relevance_mass_accuracy"] == metrics["gradcam"]["localisation"]["happy"]["relevance_mass_accuracy"]
     assert flat["explain.aligned"] == 1.0
+    assert flat["explain.verdict.control.trusted"] == 0.0
+    assert flat["explain.integrated_gradients.randomisation.cascade.head"] == metrics["integrated_gradients"]["randomisation"]["cascade"]["head"]
     assert all(isinstance(value, float) for value in flat.values())
 
 

@@ -245,3 +245,28 @@ def test_the_report_says_what_it_could_not_compute(tiny_dataset) -> None:
     known = dataclasses.replace(tiny_dataset, reliability={"happy": 0.8, "trustworthy": 0.7}, sensitive_features={})
     assert not_computed(known, ["happy", "trustworthy"], {"explain": {}}) == [
         items[2], "the bias audit (dataset.yaml declares no sensitive features)"]
+
+
+def test_the_explanation_verdict_is_one_readable_row_per_attribute() -> None:
+    from psyface.explain.stage import ExplainParams, attribute_verdict
+    from psyface.report.html import ReportContent, render
+    from psyface.report.stage import explanation_verdict
+
+    localised = {"relevance_mass_accuracy": 0.62, "relevance_mass_accuracy_ci_low": 0.55,
+                 "relevance_mass_accuracy_ci_high": 0.7, "chance": 0.09, "images": 300}
+    by_method = {"gradcam": {"localisation": {"happy": localised}, "randomisation": {"passed": True, "rank_correlation": 0.0}},
+                 "occlusion": {"localisation": {"happy": {**localised, "relevance_mass_accuracy_ci_low": 0.05}},
+                               "randomisation": {"passed": False, "rank_correlation": 0.36}}}
+    verdict = {"happy": attribute_verdict("happy", by_method, 0.95, True, "not checked", ExplainParams()),
+               "control": attribute_verdict("control", by_method, -0.04, False, "not checked", ExplainParams())}
+    table = explanation_verdict({"explain": {"verdict": verdict}})
+    rows = table.frame.set_index("attribute")
+    assert rows.loc["happy", "trusted method"] == "gradcam"
+    assert rows.loc["happy", "RMA [CI] (best method)"] == "0.62 [0.55, 0.70] (gradcam)"
+    assert rows.loc["happy", "why others fail"].startswith("occlusion: fails randomisation (rank correlation 0.36")
+    assert "not above chance" in rows.loc["happy", "why others fail"]
+    assert rows.loc["control", "trusted method"] == "none" and "its maps explain noise" in rows.loc["control", "verdict"]
+    assert [flagged for flagged, _ in table.rows] == [False, True]  # untrusted rows are highlighted
+    assert explanation_verdict({"gradcam": {}}) is None  # an explain output without a verdict: no table
+    page = render(ReportContent(title="t", generated_at="now", tables={"explanations": [table]}))
+    assert "Which explanation to trust, per attribute" in page and "0.62 [0.55, 0.70] (gradcam)" in page

@@ -1,4 +1,5 @@
-"""Pictures of attribution maps: overlays, mean heatmaps, highest/lowest-predicted grids, deletion curves."""
+"""Pictures of attribution maps: overlays, mean heatmaps, highest/lowest-predicted grids, deletion and
+insertion curves, cascading randomisation curves."""
 
 from __future__ import annotations
 
@@ -105,16 +106,41 @@ def save_extremes(
     save_mosaic(path, tiles, labels, [], title, captions)
 
 
-def save_deletion_curves(path: Path, curves: dict[str, np.ndarray], random_curve: np.ndarray) -> None:
-    """Mean prediction change vs. share of pixels deleted, per method and for a random order."""
-    fig, axis = plt.subplots(figsize=(5, 3.5))
-    fractions = np.linspace(0, 1, len(random_curve))
-    for method, curve in curves.items():
-        axis.plot(fractions, curve, label=method)
-    axis.plot(fractions, random_curve, "k--", label="random order")
-    axis.set_xlabel("share of pixels deleted (most relevant first)")
-    axis.set_ylabel("|prediction change| (std units)")
-    axis.legend(fontsize=8)
+def save_perturbation_curves(
+    path: Path, curves: dict[str, dict[str, np.ndarray]], random_curves: dict[str, np.ndarray]
+) -> None:
+    """Two panels, deletion and insertion: mean curve per method (`curves[method][kind]`) and of a
+    random pixel order (`random_curves[kind]`), against the share of pixels deleted or inserted."""
+    kinds = {"deletion": "share of pixels deleted (most relevant first)",
+             "insertion": "share of pixels inserted into the baseline (most relevant first)"}
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    for axis, (kind, label) in zip(axes, kinds.items()):
+        fractions = np.linspace(0, 1, len(random_curves[kind]))
+        for method, by_kind in curves.items():
+            axis.plot(fractions, by_kind[kind], label=method)
+        axis.plot(fractions, random_curves[kind], "k--", label="random order")
+        axis.set_title(kind, fontsize=9)
+        axis.set_xlabel(label, fontsize=8)
+    axes[0].set_ylabel("|prediction change| / recovered (std units)", fontsize=8)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_randomisation_curves(path: Path, cascades: dict[str, dict[str, float]], threshold: float) -> None:
+    """Cascading randomisation: rank correlation of |maps| with the trained model's, per method, as
+    layers are re-initialised from the output down (`cascades[method][step]`); the dashed line is
+    the sanity threshold a method must fall below."""
+    fig, axis = plt.subplots(figsize=(5.5, 3.5))
+    for method, cascade in cascades.items():
+        steps = ["none", *cascade]
+        axis.plot(range(len(steps)), [1.0, *cascade.values()], marker="o", label=method)
+        axis.set_xticks(range(len(steps)), steps, fontsize=8)
+    axis.axhline(threshold, color="k", linestyle="--", label=f"threshold {threshold:g}")
+    axis.set_xlabel("randomised down to (cumulative, from the output)", fontsize=8)
+    axis.set_ylabel("rank correlation of |maps|", fontsize=8)
+    axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

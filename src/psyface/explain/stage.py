@@ -1,8 +1,12 @@
-"""Stage `explain`: attribution maps of the trained model on the test split, and how good they are.
+"""Stage `explain`: attribution maps of the trained model on the test split, how good they are, and
+which method (if any) a researcher can trust for each attribute.
 
 Reads the run `train` wrote (`artifacts/train/run.json`), the prepared arrays and `data/` (region and
-human-attention mask semantics); writes figures and `reports/explain/metrics.json`, a float16 subset
-of the raw maps, and logs all of it into the training run, so lineage stays one click in MLflow.
+human-attention mask semantics, identities), and `reports/explain/ground_truth.json` where present;
+writes figures and `reports/explain/metrics.json` (per method: localisation with identity-grouped
+bootstrap intervals beside chance, deletion and insertion against a random order, cascading
+randomisation; per attribute: the verdict), a float16 subset of the raw maps, and logs all of it into
+the training run, so lineage stays one click in MLflow.
 """
 
 from __future__ import annotations
@@ -18,72 +22,100 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from psyface.artifacts import (
     EXPLAIN_FIGURES_DIR,
+    EXPLAIN_GROUND_TRUTH_FILE,
     EXPLAIN_MAPS_FILE,
     EXPLAIN_METRICS_FILE,
     PREPARED_DIR,
     Prepared,
     load_prepared,
 )
-from psyface.config import NonNegativeInt, PositiveInt, UnitFloat, load_section
+from psyface.config import NonNegativeInt, OpenUnitFloat, PositiveInt, UnitFloat, load_section, read_yaml
 from psyface.dataset.layout import DATA_DIR, DatasetSpec, load_dataset
 from psyface.errors import PsyfaceError, entry_point
 from psyface.explain import figures
 from psyface.explain.methods import (
+    CAMS,
     METHODS,
     Method,
     MethodOptions,
     attribute,
     gradcam_grid,
+    integrated_gradients_with_delta,
 )
 from psyface.explain.scores import (
     area_under_curve,
+    bootstrap_mean_interval,
+    cascading_randomisation,
     defined_mean,
-    deletion_curves,
     grid_ceiling,
     mask_share,
+    perturbation_curves,
     pointing_game,
     random_order,
     randomisation_correlation,
-    randomised_copy,
     relevance,
     relevance_mass_accuracy,
+    relevance_rank_accuracy,
 )
 from psyface.io import replace_dir_atomic, write_atomic, write_json_atomic
+from psyface.metrics import pearson_columns
 from psyface.model import AttributeNet, ModelSpec, to_input
+from psyface.resampling import face_groups
 
 NO_LOCALISATION = ("not available: no region masks for the explained attributes "
                    "(dataset.yaml `masks:` and attributes.*.regions)")
+GROUND_TRUTH_NOT_CHECKED = "not checked"
+# What a plain `dvc repro` runs, and how many test faces the costly methods explain (0: all). SmoothGrad
+# (12 s an image on the default network) is available but off by default: it fits no demo budget.
+DEFAULT_METHODS: tuple[Method, ...] = ("gradcam", "hirescam", "gradcam_plusplus", "layercam", "lrp",
+                                       "integrated_gradients", "occlusion")
+DEFAULT_BUDGETS: dict[str, int] = {"hirescam": 64, "gradcam_plusplus": 64, "layercam": 64, "lrp": 16,
+                                   "integrated_gradients": 4, "occlusion": 4, "smoothgrad": 2}
+# Methods whose maps live on a layer's grid (`options.gradcam_layer`), upsampled: their localisation is
+# bounded by `grid_ceiling`. The CAM family of methods.py; a new one on a layer grid belongs here.
+LAYER_GRID_METHODS = frozenset(CAMS)  # maps computed on a convolution's grid: scored against its ceiling
+LOCALISATION_SCORES = {
+    "relevance_mass_accuracy": relevance_mass_accuracy,
+    "relevance_rank_accuracy": relevance_rank_accuracy,
+    "pointing_game": pointing_game,
+}
 
 
 @dataclass(frozen=True)
 class ExplainParams:
     """The `explain:` section of params.yaml. A budget of 0 images means the whole test split."""
 
-    methods: list[Method] = field(default_factory=lambda: list(METHODS))
+    methods: list[Method] = field(default_factory=lambda: list(DEFAULT_METHODS))
     options: MethodOptions = field(default_factory=lambda: MethodOptions(gradcam_layer="conv3_3"))  # a 16x16 grid at 64 px
     batch_size: PositiveInt = 16
-    max_images: dict[str, NonNegativeInt] = field(default_factory=lambda: {"integrated_gradients": 4, "lrp": 16, "occlusion": 4})
+    max_images: dict[str, NonNegativeInt] = field(default_factory=lambda: dict(DEFAULT_BUDGETS))
     n_top: PositiveInt = 4
     raw_maps_images: NonNegativeInt = 16
-    deletion_images: PositiveInt = 4
-    deletion_steps: PositiveInt = 8
-    sanity_images: PositiveInt = 4
+    perturbation_images: PositiveInt = 4  # deletion and insertion curves
+    perturbation_steps: PositiveInt = 8
+    sanity_images: PositiveInt = 4  # cascading randomisation: maps recomputed once per cascade step
     sanity_threshold: UnitFloat = 0.2
     rma_target: UnitFloat = 0.7
+    n_boot: PositiveInt = 1000  # bootstrap resamples (of identities) for the localisation intervals
+    ci: OpenUnitFloat = 0.95
+    min_test_r: UnitFloat = 0.3  # below it the model does not predict the attribute: no map is trusted
+    ig_max_relative_gap: UnitFloat = 0.05  # IG completeness: median |sum(map) - (f(x) - f(baseline))| / |f(x) - f(baseline)|
     seed: NonNegativeInt = 0
 
 
 @dataclass(frozen=True)
 class FacesToExplain:
-    """The test faces with their per-attribute ground-truth masks (absent: no localisation)."""
+    """The test faces with their ratings, identities and per-attribute ground-truth masks (absent: no
+    localisation)."""
 
     ids: list[str]
     images: np.ndarray  # uint8 (N, S, S, 3)
+    ratings: np.ndarray  # float (N, A): the prepared test targets, in the model's attribute order
+    groups: np.ndarray  # (N,) who each face is (the bootstrap resamples identities)
     region_masks: dict[str, np.ndarray]  # attribute -> bool (N, S, S)
     attention_masks: dict[str, np.ndarray]  # attribute -> bool (N, S, S)
     aligned: bool
@@ -94,6 +126,10 @@ def faces_to_explain(dataset: DatasetSpec, prepared: Prepared, attributes: list[
     rows = prepared.split("test")
     if len(rows) == 0:
         raise PsyfaceError(f"{PREPARED_DIR} holds no test images: check the split fractions")
+    table = prepared.table.iloc[rows]
+    unrated = [name for name in attributes if name not in table]
+    if unrated:
+        raise PsyfaceError(f"{PREPARED_DIR}/table.csv has no ratings of the model's attributes {unrated}")
     region_masks: dict[str, np.ndarray] = {}
     if prepared.masks is not None and dataset.masks is not None:
         bitfields = np.asarray(prepared.masks[rows])
@@ -108,8 +144,10 @@ def faces_to_explain(dataset: DatasetSpec, prepared: Prepared, attributes: list[
             if name in attributes:
                 attention_masks[name] = (bitfields & (1 << bit)) != 0
     return FacesToExplain(
-        ids=prepared.table["id"].iloc[rows].tolist(),
+        ids=table["id"].tolist(),
         images=np.asarray(prepared.images[rows]),
+        ratings=table[attributes].to_numpy(np.float64),
+        groups=face_groups(table, dataset.identity_column),
         region_masks=region_masks,
         attention_masks=attention_masks,
         aligned=dataset.aligned,
@@ -124,23 +162,49 @@ def compute_maps(
     return torch.cat([attribute(net, batch, method, options) for batch in tqdm(batches, desc=f"explain: {method}", disable=not progress)])
 
 
+def integrated_gradients_checked(
+    net: AttributeNet, images: torch.Tensor, params: ExplainParams, progress: bool = False
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """IG maps with their completeness (Captum's convergence delta): IG's maps must sum to
+    f(x) - f(baseline); a median relative gap above `ig_max_relative_gap` means too few steps."""
+    parts = [integrated_gradients_with_delta(net, batch, params.options)
+             for batch in tqdm(images.split(params.batch_size), desc="explain: integrated_gradients", disable=not progress)]
+    relative = np.concatenate([part.relative for part in parts]).ravel()
+    relative = relative[np.isfinite(relative)]
+    median = float(np.median(relative)) if relative.size else None
+    completeness = {"median_relative_gap": median, "max_relative_gap": float(relative.max()) if relative.size else None,
+                    "bound": params.ig_max_relative_gap, "steps": params.options.ig_steps,
+                    "passed": median is not None and median <= params.ig_max_relative_gap}
+    return torch.cat([part.maps for part in parts]), completeness
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON for DVC holds no NaN: an undefined number is null."""
+    return float(value) if np.isfinite(value) else None
+
+
 def localisation(
-    rel: torch.Tensor, masks: dict[str, np.ndarray], attributes: list[str], grid: tuple[int, int] | None = None
+    rel: torch.Tensor, masks: dict[str, np.ndarray], attributes: list[str], groups: np.ndarray, params: ExplainParams,
+    grid: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Relevance mass accuracy and pointing game per attribute, beside their chance level and, for
-    maps computed on a coarse `grid` (Grad-CAM), the best score any map on that grid can reach."""
+    """Relevance mass accuracy, relevance rank accuracy and pointing game per attribute, each with
+    its bootstrap interval over identities, beside their common chance level (the mask's share) and,
+    for maps computed on a coarse `grid`, the best relevance mass any map on that grid can reach."""
     scores = {}
     for name, mask in masks.items():
         column = attributes.index(name)
         truth = torch.from_numpy(mask[: len(rel)])
-        per_image = {
-            "relevance_mass_accuracy": relevance_mass_accuracy(rel[:, column], truth),
-            "pointing_game": pointing_game(rel[:, column], truth),
-            "chance": mask_share(truth),
-            **({"grid_ceiling": grid_ceiling(truth, grid)} if grid else {}),
-        }
-        scores[name] = {key: defined_mean(values, undefined=None) for key, values in per_image.items()}
-        scores[name]["images"] = len(truth)
+        entry: dict[str, Any] = {}
+        for score, compute in LOCALISATION_SCORES.items():
+            per_image = compute(rel[:, column], truth)
+            low, high = bootstrap_mean_interval(per_image, groups[: len(truth)], params.n_boot, params.ci, params.seed)
+            entry |= {score: defined_mean(per_image, undefined=None), f"{score}_ci_low": finite_or_none(low),
+                      f"{score}_ci_high": finite_or_none(high)}
+        entry["chance"] = defined_mean(mask_share(truth), undefined=None)
+        if grid:
+            entry["grid_ceiling"] = defined_mean(grid_ceiling(truth, grid), undefined=None)
+        entry["images"] = len(truth)
+        scores[name] = entry
     return scores
 
 
@@ -150,39 +214,76 @@ def mean_maps(rel: torch.Tensor) -> np.ndarray:
     return (rel / peaks).mean(0).numpy()
 
 
+@dataclass(frozen=True)
+class RandomBaseline:
+    """What every method is compared with: curves of a random pixel order on the first test faces."""
+
+    deletion: np.ndarray  # (K, A, steps + 1)
+    insertion: np.ndarray
+
+
+def faithfulness(net: AttributeNet, inputs: torch.Tensor, rel: torch.Tensor, params: ExplainParams,
+                 random: RandomBaseline) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Deletion and insertion area under the curve against the random order (gain > 0: the map's
+    order moves the prediction faster than chance) -> (scores, mean curve per kind for the figure)."""
+    k = min(len(random.deletion), len(rel))
+    curves = dict(zip(("deletion", "insertion"), perturbation_curves(net, inputs[:k], rel[:k], params.perturbation_steps)))
+    scores = {}
+    for kind, curve in curves.items():
+        auc = float(area_under_curve(curve).mean())
+        auc_random = float(area_under_curve(getattr(random, kind)[:k]).mean())
+        scores[kind] = {"auc": auc, "auc_random": auc_random, "gain": auc - auc_random, "images": k}
+    return scores, {kind: curve.mean(axis=(0, 1)) for kind, curve in curves.items()}
+
+
 def quality(
     net: AttributeNet, inputs: torch.Tensor, maps: torch.Tensor, test: FacesToExplain, attributes: list[str],
-    params: ExplainParams, method: Method, random_curves: np.ndarray, randomised: nn.Module,
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Localisation (masks, human attention), deletion vs random order, randomisation sanity check
-    against `randomised` (the network with re-initialised weights).
-
-    Returns the scores and the method's mean deletion curve (for the figure).
-    """
+    params: ExplainParams, method: Method, random: RandomBaseline,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Localisation (masks, human attention) and faithfulness of one method's maps -> (scores, mean
+    deletion and insertion curves). Randomisation is scored for all methods at once (`sanity`)."""
     rel = relevance(maps)
     result: dict[str, Any] = {}
     grid = None
-    if method == "gradcam":
+    if method in LAYER_GRID_METHODS:
         grid = gradcam_grid(net, inputs, params.options.gradcam_layer)
         result.update(layer=params.options.gradcam_layer, grid=list(grid))
-    result["localisation"] = localisation(rel, test.region_masks, attributes, grid)
+    result["localisation"] = localisation(rel, test.region_masks, attributes, test.groups, params, grid)
     if test.attention_masks:
-        result["human_attention"] = localisation(rel, test.attention_masks, attributes, grid)
+        result["human_attention"] = localisation(rel, test.attention_masks, attributes, test.groups, params, grid)
     rmas = [v["relevance_mass_accuracy"] for v in result["localisation"].values() if v["relevance_mass_accuracy"] is not None]
     result["worst_relevance_mass_accuracy"] = min(rmas) if rmas else None
+    faithful, curves = faithfulness(net, inputs, rel, params, random)
+    return result | faithful, curves
 
-    k = min(len(random_curves), len(maps))
-    curves = deletion_curves(net, inputs[:k], rel[:k], params.deletion_steps)
-    auc, auc_random = float(area_under_curve(curves).mean()), float(area_under_curve(random_curves[:k]).mean())
-    result["deletion"] = {"auc": auc, "auc_random": auc_random, "gain": auc - auc_random, "images": k}
 
-    s = min(params.sanity_images, len(maps))
-    random_maps = compute_maps(randomised, inputs[:s], method, params.options, params.batch_size)
-    correlation = float(randomisation_correlation(maps[:s], random_maps).mean())
-    signed = float(randomisation_correlation(maps[:s], random_maps, signed=True).mean())
-    result["randomisation"] = {"rank_correlation": correlation, "passed": correlation < params.sanity_threshold,
-                               "rank_correlation_signed": signed, "images": s}
-    return result, curves.mean(axis=(0, 1))
+def sanity(
+    net: AttributeNet, inputs: torch.Tensor, trained_maps: dict[Method, torch.Tensor], params: ExplainParams
+) -> dict[Method, dict[str, Any]]:
+    """Cascading randomisation (Adebayo et al. 2018) of every method: the rank correlation of |maps|
+    with the trained model's as the layers are re-initialised from the output down.
+
+    `passed` means the correlation is below `sanity_threshold` once every layer is randomised. That
+    end of the cascade is where no trained weight is left to explain, and it does not depend on how
+    an architecture's layers are grouped into steps; `first_below_threshold` (the first step whose
+    correlation is below it) and the whole `cascade` curve show how far down the maps still follow
+    the trained weights. The signed correlation at the end is reported beside it.
+    """
+    cascade: dict[Method, dict[str, float]] = {method: {} for method in trained_maps}
+    signed: dict[Method, float] = {}
+    for step, randomised in cascading_randomisation(net, params.seed):
+        for method, maps in trained_maps.items():
+            random_maps = compute_maps(randomised, inputs[: len(maps)], method, params.options, params.batch_size)
+            cascade[method][step] = float(randomisation_correlation(maps, random_maps).mean())
+            signed[method] = float(randomisation_correlation(maps, random_maps, signed=True).mean())
+    results = {}
+    for method, curve in cascade.items():
+        final = list(curve.values())[-1]
+        below = [step for step, correlation in curve.items() if correlation < params.sanity_threshold]
+        results[method] = {"cascade": curve, "rank_correlation": final, "rank_correlation_signed": signed[method],
+                           "first_below_threshold": below[0] if below else None,
+                           "passed": final < params.sanity_threshold, "images": len(trained_maps[method])}
+    return results
 
 
 def float16_subset(maps: torch.Tensor, n_images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,39 +295,47 @@ def float16_subset(maps: torch.Tensor, n_images: int) -> tuple[np.ndarray, np.nd
 
 
 def explain_test_set(
-    net: AttributeNet, spec: ModelSpec, test: FacesToExplain, params: ExplainParams, figures_dir: Path, progress: bool = False
+    net: AttributeNet, spec: ModelSpec, test: FacesToExplain, params: ExplainParams, figures_dir: Path,
+    ground_truth: dict[str, Any] | None = None, progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Every method's maps, scores and figures for the test faces -> (metrics, raw map subset)."""
+    """Every method's maps, scores and figures for the test faces, and the verdict per attribute
+    (`ground_truth`: reports/explain/ground_truth.json's content, None when it was not written)
+    -> (metrics, raw map subset)."""
     net.eval()
     attributes = spec.attributes
     inputs = to_input(test.images, "cpu", spec.input_mean, spec.input_std).contiguous()
     with torch.no_grad():
         predictions = torch.cat([net(batch) for batch in inputs.split(params.batch_size)]).numpy()
     ratings = spec.to_rating_scale(predictions)
-    n_deletion = min(params.deletion_images, len(test.ids))
-    order = random_order(torch.Size((n_deletion, len(attributes), *inputs.shape[-2:])), params.seed)
-    random_curves = deletion_curves(net, inputs[:n_deletion], order, params.deletion_steps)
-    randomised = randomised_copy(net, params.seed)
+    n_perturbed = min(params.perturbation_images, len(test.ids))
+    order = random_order(torch.Size((n_perturbed, len(attributes), *inputs.shape[-2:])), params.seed)
+    random = RandomBaseline(*perturbation_curves(net, inputs[:n_perturbed], order, params.perturbation_steps))
 
-    metrics: dict[str, Any] = {"aligned": test.aligned, "test_images": len(test.ids)}
+    test_r = dict(zip(attributes, map(finite_or_none, pearson_columns(ratings, test.ratings))))
+    metrics: dict[str, Any] = {"aligned": test.aligned, "test_images": len(test.ids), "test_r": test_r}
     if not test.region_masks:
         metrics["localisation"] = NO_LOCALISATION
     raw: dict[str, np.ndarray] = {"ids": np.array(test.ids[: params.raw_maps_images]), "attributes": np.array(attributes)}
     mean_by_method: dict[str, np.ndarray] = {}
-    deletion_by_method: dict[str, np.ndarray] = {}
+    curves_by_method: dict[str, dict[str, np.ndarray]] = {}
+    sanity_maps: dict[Method, torch.Tensor] = {}
     for method in params.methods:
         n_images = min(params.max_images.get(method, 0) or len(test.ids), len(test.ids))
         started = time.perf_counter()
+        completeness = {}
         try:
-            maps = compute_maps(net, inputs[:n_images], method, params.options, params.batch_size, progress)
+            if method == "integrated_gradients":
+                maps, completeness["completeness"] = integrated_gradients_checked(net, inputs[:n_images], params, progress)
+            else:
+                maps = compute_maps(net, inputs[:n_images], method, params.options, params.batch_size, progress)
         except PsyfaceError as error:  # e.g. Grad-CAM on a transformer, LRP on layers without rules
             print(f"explain: {method} not available for {spec.arch}: {error}")
             metrics[method] = {"available": False, "reason": str(error)}
             continue
         seconds = time.perf_counter() - started
-        scores, deletion_by_method[method] = quality(net, inputs, maps, test, attributes, params, method, random_curves,
-                                                         randomised)
-        metrics[method] = {"images": n_images, "seconds_per_image": seconds / n_images, **scores}
+        scores, curves_by_method[method] = quality(net, inputs, maps, test, attributes, params, method, random)
+        metrics[method] = {"images": n_images, "seconds_per_image": seconds / n_images, **completeness, **scores}
+        sanity_maps[method] = maps[: params.sanity_images]
         rel = relevance(maps)
         mean_by_method[method] = mean_maps(rel)
         figures.save_extremes(
@@ -239,24 +348,105 @@ def explain_test_set(
             params.n_top,
         )
         raw[method], raw[f"{method}_scale"] = float16_subset(maps, params.raw_maps_images)
+    for method, result in sanity(net, inputs, sanity_maps, params).items():
+        metrics[method]["randomisation"] = result
     mean_face = test.images.mean(axis=0).astype(np.uint8)
     figures.save_mean_heatmaps(figures_dir / "mean_heatmaps.png", mean_face, mean_by_method, attributes, test.aligned)
-    figures.save_deletion_curves(figures_dir / "deletion.png", deletion_by_method, random_curves.mean(axis=(0, 1)))
-    metrics["targets"] = targets(metrics, params)
+    figures.save_perturbation_curves(figures_dir / "deletion_insertion.png", curves_by_method,
+                                     {"deletion": random.deletion.mean(axis=(0, 1)), "insertion": random.insertion.mean(axis=(0, 1))})
+    figures.save_randomisation_curves(figures_dir / "randomisation.png",
+                                      {method: metrics[method]["randomisation"]["cascade"] for method in sanity_maps},
+                                      params.sanity_threshold)
+    by_method = {method: metrics[method] for method in params.methods}
+    metrics["verdict"] = {name: attribute_verdict(name, by_method, test_r[name], name in test.region_masks,
+                                                  ground_truth_status(ground_truth, name), params)
+                          for name in attributes}
     return metrics, raw
 
 
-def targets(metrics: dict[str, Any], params: ExplainParams) -> dict[str, bool | None]:
-    """The issue's targets, checked: Grad-CAM localisation and randomisation of Grad-CAM and IG."""
-    checks: dict[str, bool | None] = {}
-    metrics = {method: values for method, values in metrics.items() if not (isinstance(values, dict) and values.get("available") is False)}
-    if "gradcam" in metrics:
-        worst = metrics["gradcam"]["worst_relevance_mass_accuracy"]
-        checks["gradcam_relevance_mass_accuracy"] = None if worst is None else worst >= params.rma_target
-    for method in ("gradcam", "integrated_gradients"):
-        if method in metrics:
-            checks[f"{method}_randomisation"] = metrics[method]["randomisation"]["passed"]
-    return checks
+def ground_truth_status(ground_truth: dict[str, Any] | None, name: str) -> str:
+    """`valid`, `not valid (...)` with the ground_truth stage's numbers, or `not checked`."""
+    entry = (ground_truth or {}).get("attributes", {}).get(name)
+    if entry is None:
+        return GROUND_TRUTH_NOT_CHECKED
+    if entry.get("valid"):
+        return "valid"
+    if entry.get("reason"):
+        return f"not valid ({entry['reason']})"
+    numbers = ", ".join(f"{key} {value:.2f}" for key, value in entry.items()
+                        if key != "valid" and isinstance(value, int | float) and not isinstance(value, bool))
+    return f"not valid ({numbers})" if numbers else "not valid"
+
+
+def method_failures(result: dict[str, Any], name: str, params: ExplainParams) -> list[str]:
+    """Why one method's maps of attribute `name` cannot be trusted (empty: they can)."""
+    if result.get("available") is False:
+        return [f"not available ({result['reason']})"]
+    reasons = []
+    sanity_result = result["randomisation"]
+    if not sanity_result["passed"]:
+        reasons.append(f"fails randomisation (rank correlation {sanity_result['rank_correlation']:.2f} >= "
+                       f"{params.sanity_threshold:g} with every layer randomised)")
+    completeness = result.get("completeness")
+    if completeness is not None and not completeness["passed"]:
+        gap = completeness["median_relative_gap"]
+        reasons.append(f"incomplete (median completeness gap {'undefined' if gap is None else f'{gap:.1%}'} > "
+                       f"{completeness['bound']:.0%} of f(x) - f(baseline) at {completeness['steps']} steps)")
+    scores = result["localisation"].get(name)
+    if scores is None:
+        return reasons
+    low, chance = scores["relevance_mass_accuracy_ci_low"], scores["chance"]
+    if low is None or chance is None:
+        reasons.append(f"no interval (relevance mass undefined or fewer than two identities among {scores['images']} faces)")
+    elif low <= chance:
+        reasons.append(f"not above chance (RMA {params.ci:.0%} CI lower bound {low:.2f} <= chance {chance:.2f}, "
+                       f"{scores['images']} faces)")
+    ceiling = scores.get("grid_ceiling")
+    if ceiling is not None and ceiling < params.rma_target:
+        reasons.append(f"grid ceiling ({ceiling:.2f} < target {params.rma_target:g}: the target cannot be met on "
+                       f"its {'x'.join(map(str, result['grid']))} grid)")
+    return reasons
+
+
+def attribute_verdict(
+    name: str, by_method: dict[str, dict[str, Any]], test_r: float | None, has_regions: bool, ground_truth: str,
+    params: ExplainParams,
+) -> dict[str, Any]:
+    """Which method a researcher can trust for attribute `name`, and why the others fail.
+
+    A method is a candidate when it passes cascading randomisation and its relevance mass accuracy's
+    interval lies above chance (and, on a layer grid, the grid can reach `rma_target`); the best
+    candidate (highest RMA) is trusted unless the model does not predict the attribute (test r below
+    `min_test_r`: its maps explain noise), it has no region masks (localisation not checked) or its
+    ground truth is not valid (the ground_truth stage's check).
+    """
+    failing = {method: "; ".join(reasons) for method, result in by_method.items()
+               if (reasons := method_failures(result, name, params))}
+    candidates = [method for method in by_method if method not in failing] if has_regions else []
+    best = max(candidates, key=lambda m: by_method[m]["localisation"][name]["relevance_mass_accuracy"], default=None)
+    predicted = test_r is not None and test_r >= params.min_test_r
+    if not predicted:
+        r = "undefined" if test_r is None else f"{test_r:.2f}"
+        why = f"not predicted (test r {r} < {params.min_test_r:g}): its maps explain noise, no method is trusted"
+    elif not has_regions:
+        why = "no region masks: localisation not checked, no method is trusted"
+    elif best is None:
+        why = "no method passes randomisation with localisation above chance"
+    elif ground_truth.startswith("not valid"):
+        why = f"{best} localises best, but the ground truth is {ground_truth}: reported, not trusted"
+    else:
+        why = f"{best} passes randomisation and localises above chance (ground truth {ground_truth})"
+    trusted = best if predicted and not ground_truth.startswith("not valid") else None
+    scores = by_method[best]["localisation"][name] if best else {}
+    keys = ("relevance_mass_accuracy", "relevance_mass_accuracy_ci_low", "relevance_mass_accuracy_ci_high", "chance", "images")
+    return {"test_r": test_r, "predicted": predicted, "ground_truth": ground_truth, "trusted": trusted is not None,
+            "trusted_method": trusted, "best_method": best, **{key: scores.get(key) for key in keys},
+            "failing": failing, "verdict": why}
+
+
+def read_ground_truth(path: Path = EXPLAIN_GROUND_TRUTH_FILE) -> dict[str, Any] | None:
+    """The ground_truth stage's check of every attribute's regions, None when it has not run."""
+    return read_yaml(path) if path.is_file() else None
 
 
 def log_to_training_run(run_id: str, tracking_uri: str, metrics: dict[str, Any]) -> None:
@@ -267,6 +457,8 @@ def log_to_training_run(run_id: str, tracking_uri: str, metrics: dict[str, Any])
 
     with open_run(run_id, tracking_uri):
         mlflow.log_metrics(metric_values(metrics, "explain"))
+        mlflow.set_tags({f"explain.trusted.{name}": verdict["trusted_method"] or "none"
+                         for name, verdict in metrics["verdict"].items()})
         mlflow.log_artifacts(str(EXPLAIN_FIGURES_DIR), artifact_path="explain/figures")
         mlflow.log_artifact(str(EXPLAIN_METRICS_FILE), artifact_path="explain")
         mlflow.log_artifact(str(EXPLAIN_MAPS_FILE), artifact_path="explain")
@@ -278,8 +470,6 @@ def check_params(params: ExplainParams) -> None:
         raise PsyfaceError(f"params.yaml:explain.max_images names unknown methods {unknown}; known: {list(METHODS)}")
     if not params.methods:
         raise PsyfaceError("params.yaml:explain.methods is empty: name at least one of " + str(list(METHODS)))
-    if params.deletion_steps < 1 or params.batch_size < 1:
-        raise PsyfaceError("params.yaml:explain.deletion_steps and batch_size must be at least 1")
 
 
 @entry_point
@@ -293,15 +483,15 @@ def main(argv: list[str] | None = None) -> int:
     net, spec = load_model(run.model_uri, run.tracking_uri)
     test = faces_to_explain(load_dataset(DATA_DIR), load_prepared(PREPARED_DIR), spec.attributes)
     with tempfile.TemporaryDirectory() as staging:
-        metrics, raw = explain_test_set(net, spec, test, params, Path(staging), progress=True)
+        metrics, raw = explain_test_set(net, spec, test, params, Path(staging), read_ground_truth(), progress=True)
         replace_dir_atomic(EXPLAIN_FIGURES_DIR, lambda folder: shutil.copytree(staging, folder, dirs_exist_ok=True))
     write_atomic(EXPLAIN_MAPS_FILE, lambda tmp: save_npz(tmp, raw))
     write_json_atomic({"explain": metrics}, EXPLAIN_METRICS_FILE)
     log_to_training_run(run.run_id, run.tracking_uri, metrics)
     if "localisation" in metrics:
         print(f"explain: localisation {metrics['localisation']}; faithfulness and sanity checks run")
-    summary = ", ".join(f"{k}={v}" for k, v in metrics["targets"].items())
-    print(f"explain: {len(test.ids)} test faces, methods {params.methods} -> {EXPLAIN_FIGURES_DIR}, {EXPLAIN_METRICS_FILE} ({summary})")
+    summary = ", ".join(f"{name}: {verdict['trusted_method'] or 'none'}" for name, verdict in metrics["verdict"].items())
+    print(f"explain: {len(test.ids)} test faces, methods {params.methods} -> {EXPLAIN_FIGURES_DIR}, {EXPLAIN_METRICS_FILE} (trusted: {summary})")
     return 0
 
 

@@ -277,6 +277,30 @@ def data_summary(table: pd.DataFrame, spec: DatasetSpec, attributes: list[str]) 
             html.Table("Sensitive features", groups)]
 
 
+def explanation_verdict(explain_metrics: dict) -> html.Table | None:
+    """Per attribute: the method a researcher can trust (explain's verdict), its relevance mass
+    accuracy with interval beside chance, and why every other method cannot be (None: explain wrote
+    no verdict)."""
+    verdict = explain_metrics.get("explain", {}).get("verdict")
+    if not verdict:
+        return None
+
+    def interval(entry: dict) -> str:
+        if entry["relevance_mass_accuracy"] is None:
+            return "–"
+        low, high = entry["relevance_mass_accuracy_ci_low"], entry["relevance_mass_accuracy_ci_high"]
+        bounds = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+        return f"{entry['relevance_mass_accuracy']:.2f}{bounds} ({entry['best_method']})"
+
+    rows = [{"attribute": name, "test r": entry["test_r"], "trusted method": entry["trusted_method"] or "none",
+             "RMA [CI] (best method)": interval(entry), "chance": entry["chance"], "ground truth": entry["ground_truth"],
+             "verdict": entry["verdict"],
+             "why others fail": "; ".join(f"{method}: {reason}" for method, reason in entry["failing"].items()) or "–",
+             "untrusted": not entry["trusted"]}
+            for name, entry in verdict.items()]
+    return html.Table("Which explanation to trust, per attribute", pd.DataFrame(rows), "untrusted")
+
+
 def explanation_figures(folder: Path) -> list[html.Figure]:
     return [html.Figure(path.stem.replace("_", " "), path.read_bytes(), str(path.relative_to(folder)))
             for path in sorted(folder.glob("*.png"))]
@@ -323,7 +347,17 @@ def build_page(
                                                "ceiling = sqrt(split-half reliability of the mean ratings)")]
     content.tables["accuracy"] = [html.Table("Accuracy", accuracy)]
     content.figures["explanations"] = explain_figures
-    content.tables["explanations"] = [html.key_value_table("Explanation quality scores", explain_metrics)]
+    verdict = explanation_verdict(explain_metrics)
+    if verdict is not None:
+        content.summaries["explanations"] = [
+            "A method is trusted for an attribute when the model predicts it (test r ≥ explain.min_test_r), its "
+            "maps pass cascading randomisation (rank correlation with the trained model's maps below "
+            "explain.sanity_threshold once every layer is randomised), and its relevance mass accuracy's bootstrap "
+            "interval over identities lies above chance (the mask's share of the image); a method on a layer grid "
+            "must also be able to reach explain.rma_target there. The best such method (highest RMA) is named; "
+            "an invalid ground truth (the ground_truth stage) keeps it reported but untrusted."]
+    content.tables["explanations"] = [*([verdict] if verdict is not None else []),
+                                      html.key_value_table("Explanation quality scores", explain_metrics)]
     content.summaries["manifold"] = [
         "Trustworthiness: how far the 2-D neighbourhoods respect those in the full features (1 = perfectly). "
         f"k-NN R² ({params.manifold.knn_k} neighbours, {params.manifold.cv_folds}-fold cross-validation by identity, "
