@@ -29,13 +29,9 @@ from filelock import FileLock
 
 import psyface
 from psyface.report.html import SECTIONS
+from tests.browser import ARTIFACTS, chromium, headless
 
 SRC = Path(psyface.__file__).resolve().parents[1]
-ARTIFACTS = SRC.parent / "test-artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars"]
 MODEL_NAME = "psyface-report-test"
 PARAMS = {
     "split": {"seed": 1, "fractions": {"train": 0.6, "val": 0.2, "test": 0.2}},
@@ -123,22 +119,6 @@ def project(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
             shutil.rmtree(folder, ignore_errors=True)
             build_project(folder)
     return folder
-
-
-@pytest.fixture(scope="session")
-def chromium() -> Path:
-    """Debian's chromium (`make test` installs it; never a downloaded browser)."""
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: `make system` (as root) or `apt-get install -y chromium` installs it")
-    return CHROMIUM
-
-
-def headless(chromium: Path, *args: str, tmp_path: Path) -> str:
-    profile = tmp_path / f"profile-{time.monotonic_ns()}"
-    profile.mkdir()
-    done = subprocess.run([str(chromium), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, text=True, timeout=120)
-    return done.stdout
 
 
 @pytest.mark.slow

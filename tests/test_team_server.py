@@ -7,6 +7,7 @@ One server for the whole module (it costs ~30 s to start); the kill -9 test rest
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from psyface.errors import server_refusal
 from psyface.promotion import SCORE_TAG
 from psyface.run_safety import STALE_TAG
 from psyface.tracking import LOCK_SUFFIX
+from tests.browser import ARTIFACTS, DevTools, chromium
 from tests.workspace import make_workspace, tracking_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("team_server")]
@@ -226,29 +229,78 @@ def test_collaborator_pulls_the_champion_from_another_folder(team, tmp_path, syn
     assert client.get_model_version_by_alias("team-model", "champion").version == champion.version
 
 
-def test_concurrent_trainings_and_evaluates_against_the_server(team, tmp_path, synthetic_data, monkeypatch):
-    """Two trainings at once: two FINISHED runs, two versions; two evaluates at once: the better wins."""
-    roots = [make_workspace(tmp_path / f"w{seed}", synthetic_data, registry="race-model", experiment="race",
+def together(command: str, roots: list[Path], env: dict[str, str]) -> list[subprocess.CompletedProcess[str]]:
+    """`psyface COMMAND` in every root at the same time."""
+    processes = [spawn(command, root, env) for root in roots]
+    return [finished(process, root, command) for process, root in zip(processes, roots, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def race(team, tmp_path_factory: pytest.TempPathFactory, synthetic_data):
+    """Two workspaces (own folders, seeds and epoch counts) trained at the same time against the server:
+    their folders and the two `psyface train` results."""
+    base = tmp_path_factory.mktemp("race")
+    roots = [make_workspace(base / f"w{seed}", synthetic_data, registry="race-model", experiment="race",
                             seed=seed, epochs=1 + seed) for seed in (1, 2)]
+    return roots, together("train", roots, team.env(EDITOR))
 
-    def together(command: str) -> list[subprocess.CompletedProcess[str]]:
-        processes = [spawn(command, root, team.env(EDITOR)) for root in roots]
-        return [finished(process, root, command) for process, root in zip(processes, roots, strict=True)]
 
-    for result in together("train"):
+def test_concurrent_trainings_and_evaluates_against_the_server(team, race, monkeypatch):
+    """Two trainings at once: two FINISHED runs, two versions; two evaluates at once: the better wins."""
+    roots, trainings = race
+    for result in trainings:
         ok(result)
         assert "IntegrityError" not in result.stderr and "duplicate key" not in result.stderr
     runs = [json.loads((root / "artifacts" / "train" / "run.json").read_text()) for root in roots]
     client = team.client(EDITOR, monkeypatch)
     assert [client.get_run(run["run_id"]).info.status for run in runs] == ["FINISHED", "FINISHED"]
     assert sorted(run["model_version"] for run in runs) == ["1", "2"]
-    for result in together("evaluate"):
+    for result in together("evaluate", roots, team.env(EDITOR)):
         ok(result)
     scores = {run["model_version"]: float(client.get_model_version("race-model", run["model_version"]).tags[SCORE_TAG])
               for run in runs}
     champion = client.get_model_version_by_alias("race-model", "champion").version
     assert scores[str(champion)] == max(scores.values())
     assert not client.search_registered_models(filter_string=f"name = 'race-model{LOCK_SUFFIX}'")
+
+
+def mlflow_ui_number(value: float) -> str:
+    """A metric between 0.001 and 10 as MLflow's UI prints it (`Utils.formatMetric`: JS
+    `Math.round(1000 * value) / 1000`, shortest digits)."""
+    assert 0.001 <= abs(value) < 10, f"{value}: outside the range this rule covers"
+    shown = math.floor(1000 * value + 0.5) / 1000
+    return str(int(shown)) if shown.is_integer() else repr(shown)
+
+
+def url_json(values: list[str]) -> str:
+    """A list as the UI writes it into its own links (`#/compare-runs?runs=["id",...]`), URL-quoted."""
+    return urllib.parse.quote(json.dumps(values, separators=(",", ":")))
+
+
+def test_server_ui_compares_the_runs_of_both_workspaces(team, race, chromium, tmp_path, monkeypatch):
+    """A read-only user signs in to the server's UI in a real browser and opens the compare view of the
+    two workspaces' runs: both runs' ids and names, each workspace's own params.yaml values and each
+    run's val_loss as the server stores it, side by side."""
+    roots, trainings = race
+    for result in trainings:
+        ok(result)
+    ids = [json.loads((root / "artifacts" / "train" / "run.json").read_text())["run_id"] for root in roots]
+    runs = [team.client(READER, monkeypatch).get_run(run_id) for run_id in ids]
+    assert [run.data.params["train.seed"] for run in runs] == ["1", "2"]
+
+    # a params row reads `name A B`; the metrics table shows the names in one column and each metric's
+    # values (one per run, in the URL's order) side by side in another
+    expected = ["Comparing 2 Runs from 1 Experiment", *ids, *(run.info.run_name for run in runs),
+                " ".join(["train.epochs", *(run.data.params["train.epochs"] for run in runs)]), "val_loss",
+                " ".join(mlflow_ui_number(run.data.metrics["val_loss"]) for run in runs)]
+    url = f"{team.url}/#/compare-runs?runs={url_json(ids)}&experiments={url_json([runs[0].info.experiment_id])}"
+    with DevTools(chromium, tmp_path, credentials=READER) as page:
+        page.open(url)
+        try:
+            page.wait_for_text(expected)
+        finally:
+            page.screenshot(ARTIFACTS / "mlflow-team-compare.png")
+    assert page.challenges >= 1, "the server never asked the browser for a password"
 
 
 def test_a_local_store_moves_onto_the_server(team, tmp_path, synthetic_data, monkeypatch):
