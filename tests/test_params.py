@@ -29,6 +29,7 @@ SECTIONS: dict[str, tuple[str, str, list[str]]] = {
     "transfer": ("psyface.transfer.core:TransferParams", "psyface.transfer.stage", ["sweep"]),
     "landmarks": ("psyface.landmarks:LandmarksParams", "psyface.landmarks", []),
     "expressions": ("psyface.expressions.stage:ExpressionsParams", "psyface.expressions.stage", []),
+    "ground_truth": ("psyface.ground_truth:GroundTruthParams", "psyface.ground_truth", []),
     "explain": ("psyface.explain.stage:ExplainParams", "psyface.explain.stage", []),
     "report": ("psyface.report.stage:ReportParams", "psyface.report.stage", []),
 }
@@ -41,7 +42,7 @@ ZERO_ALLOWED = {
     "transfer.min_steps", "transfer.image_size", "transfer.seeds[0]", "transfer.train.freeze",
     "landmarks.max_problem_fraction", "expressions.seed", "expressions.tolerance",
     "expressions.training.weight_decay", "explain.max_images.integrated_gradients", "explain.max_images.lrp",
-    "explain.max_images.occlusion", "explain.max_images.hirescam", "explain.max_images.gradcam_plusplus",
+    "ground_truth.max_outside_r", "ground_truth.min_inside_r", "ground_truth.seed", "explain.max_images.occlusion", "explain.max_images.hirescam", "explain.max_images.gradcam_plusplus",
     "explain.max_images.layercam", "explain.max_images.smoothgrad", "explain.raw_maps_images", "explain.sanity_threshold",
     "explain.rma_target", "explain.min_test_r", "explain.seed", "report.seed", "report.manifold.umap_min_dist",
     "report.fairness.min_abs_gap_sd",
