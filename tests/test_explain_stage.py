@@ -10,7 +10,7 @@ import torch
 from psyface.config import load_section
 from psyface.dataset.layout import Masks, load_dataset
 from psyface.errors import PsyfaceError
-from psyface.explain.methods import MethodOptions
+from psyface.explain.methods import METHODS, MethodOptions
 from psyface.explain.stage import (
     ExplainParams,
     check_params,
@@ -23,6 +23,7 @@ from psyface.split import SplitParams, assign_splits
 from tests.explain_models import tiny_vgg
 
 FAST = ExplainParams(
+    methods=list(METHODS),  # every method, the ones off by default included
     options=MethodOptions(ig_steps=4, occlusion_window=16, occlusion_stride=16),
     max_images={"integrated_gradients": 2, "occlusion": 2, "smoothgrad": 2},
     raw_maps_images=3,
@@ -75,6 +76,9 @@ def test_every_method_is_scored_on_every_attribute_with_regions(explained):
     assert "grid_ceiling" in metrics["gradcam"]["localisation"]["happy"]
     assert "grid_ceiling" not in metrics["integrated_gradients"]["localisation"]["happy"]
     assert metrics["gradcam"]["images"] == len(test.ids) and metrics["occlusion"]["images"] == 2
+    completeness = metrics["integrated_gradients"]["completeness"]  # IG's maps sum to f(x) - f(baseline)
+    assert completeness["steps"] == 4 and 0 <= completeness["median_relative_gap"] <= completeness["max_relative_gap"]
+    assert completeness["passed"] == (completeness["median_relative_gap"] <= FAST.ig_max_relative_gap)
     json.dumps(metrics, allow_nan=False)  # valid JSON for DVC: undefined numbers are null, not NaN
 
 
@@ -121,6 +125,6 @@ def test_metrics_flatten_to_mlflow_names(explained):
 def test_the_repository_params_parse_and_unknown_budgets_are_refused(tmp_path):
     params = load_section("explain", ExplainParams)
     check_params(params)
-    assert params.methods == ["gradcam", "integrated_gradients", "lrp", "occlusion"]
+    assert params.methods == ["gradcam", "hirescam", "gradcam_plusplus", "layercam", "lrp", "integrated_gradients"]
     with pytest.raises(PsyfaceError, match="unknown methods \\['saliency'\\]"):
         check_params(dataclasses.replace(params, max_images={"saliency": 3}))

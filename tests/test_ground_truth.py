@@ -100,7 +100,7 @@ def test_a_mask_that_misses_the_information_is_not_valid(tmp_path, monkeypatch):
     checked = check_ground_truth(spec, prepared, GroundTruthParams(n_boot=200))["attributes"]
     assert not checked["happy"]["valid"] and checked["happy"]["outside_r"] > 0.3
     assert "outside the masks predict it" in checked["happy"]["reason"]
-    assert abs(checked["warm"]["outside_r"]) < 0.2 and checked["warm"]["inside_r"] > 0.8  # a right mask, same faces
+    assert abs(checked["warm"]["outside_r"]) < 0.2 and checked["warm"]["inside_r"] > 0.6  # a right mask, same 200 faces
 
     monkeypatch.chdir(tmp_path)  # the stage entry writes the same verdict as the stage output
     (tmp_path / "params.yaml").write_text("ground_truth:\n  n_boot: 200\n")

@@ -46,7 +46,8 @@ def test_default_dataset_matches_committed_data_dvc(tmp_path):
 def perturbed(face: synth.Face, latent: str, delta: float) -> synth.Face:
     changed = copy.deepcopy(face)
     target = changed.state if latent in changed.state else changed.identity
-    target[latent] += -delta if target[latent] > 0 else delta  # towards the middle: never clipped
+    middle = sum(synth.CLIP[latent]) / 2 if latent in synth.CLIP else 0.0
+    target[latent] += -delta if target[latent] > middle else delta  # towards the middle of its range: never clipped
     return changed
 
 
