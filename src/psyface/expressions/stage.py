@@ -76,7 +76,7 @@ class ExpressionsParams:
     baseline: Baseline = "other_class"
     ig_steps: PositiveInt = 32
     ig_split: Literal["val", "test"] = "test"
-    drop_per_step: PositiveInt = 1
+    drop_per_step: PositiveInt = 2
     min_landmarks: PositiveInt = 4
     tolerance: NonNegativeFloat = 0.01  # reduced set: fewest landmarks with val log loss <= full + tolerance (nats)
     regions: dict[str, list[str]] = field(default_factory=lambda: {
