@@ -54,7 +54,7 @@ class ProbeFeatures:
 
     channels: PositiveInt = 32
     kernel: PositiveInt = 5
-    pool: PositiveInt = 12
+    pool: PositiveInt = 8
 
 
 @dataclass(frozen=True)
