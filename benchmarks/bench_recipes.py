@@ -144,7 +144,7 @@ def trained(images: np.ndarray, ratings: np.ndarray, split: np.ndarray, weights:
     state = train_epochs(net, data["train"], data["val"], params, TrainState(), torch.device("cpu"),
                          normalisation=normalisation)
     net.load_state_dict(state.best_model)
-    predicted = predict_standardised(net, data["test"].images, 64, torch.device("cpu"), False, normalisation)
+    predicted = predict_standardised(net, data["test"].images, 64, torch.device("cpu"), False, *normalisation)
     return float(pearson_per_column(predicted, data["test"].targets).mean())
 
 
@@ -228,8 +228,9 @@ def cross_validated(images: np.ndarray, ratings: np.ndarray, groups: np.ndarray,
 def split_rows(images: np.ndarray, ratings: np.ndarray, groups: np.ndarray, split: np.ndarray, weights: Path,
                args: argparse.Namespace) -> None:
     """Probe vs fine-tuning on the pipeline split, also at the same time budget: fine-tuning gets the
-    probe's seconds as one epoch over as many training faces as fit in them (timed from a whole
-    epoch in the same run), beside one whole epoch and `--epochs` epochs."""
+    probe's seconds (timed from a whole epoch in the same run) as whole epochs, or as one epoch over
+    as many training faces as fit in them when that is less than an epoch; beside one whole epoch and
+    `--epochs` epochs."""
     n_train = int((split == "train").sum())
     print(f"\non the pipeline split (train {n_train}, val {int((split == 'val').sum())}, test {int((split == 'test').sum())}):")
 
@@ -241,8 +242,12 @@ def split_rows(images: np.ndarray, ratings: np.ndarray, groups: np.ndarray, spli
     _, probe_seconds = row("probe (fit on train+val)", split_probe, groups, split, weights, [])
     row("probe+ (fit on train+val)", split_probe, groups, split, weights, args.layers)
     _, epoch_seconds = row("fine-tune all layers, 1 epoch", trained, split, weights, 1)
-    faces = max(32, round(n_train * probe_seconds / epoch_seconds))
-    row(f"fine-tune at the probe's budget: 1 epoch of {faces} faces", trained, split, weights, 1, faces)
+    if probe_seconds < epoch_seconds:  # less than an epoch: one pass over as many faces as fit
+        faces = max(32, round(n_train * probe_seconds / epoch_seconds))
+        row(f"fine-tune at the probe's budget: 1 epoch of {faces} faces", trained, split, weights, 1, faces)
+    else:
+        epochs = round(probe_seconds / epoch_seconds)
+        row(f"fine-tune at the probe's budget: {epochs} epoch(s)", trained, split, weights, epochs)
     row(f"fine-tune all layers, {args.epochs} epochs", trained, split, weights, args.epochs)
     row(f"scratch, {args.epochs} epochs", trained, split, None, args.epochs)
 
