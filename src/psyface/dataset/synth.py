@@ -343,19 +343,30 @@ def _brow_width(canvas: int) -> int:
     return max(2, canvas // 48)
 
 
+def _corners(*latents: str) -> itertools.product:
+    """Every combination of the latents' clip bounds: the corners of the box they can move in."""
+    return itertools.product(*(CLIP[name] for name in latents))
+
+
 def _reach(shape: Callable[..., np.ndarray], *latents: str) -> np.ndarray:
-    """Convex hull of `shape(*values)` over every combination of the latents' clip bounds. The
-    shape's points move linearly in each latent, so every shape the latents can draw lies inside."""
-    points = np.concatenate([shape(*values) for values in itertools.product(*(CLIP[name] for name in latents))])
+    """Convex hull of `shape(*values)` at every corner of the latents' box. The shape's points move
+    linearly in each latent, so every shape the latents can draw lies inside."""
+    points = np.concatenate([shape(*values) for values in _corners(*latents)])
     return points[ConvexHull(points).vertices]
+
+
+def _eye_reach(side: int) -> np.ndarray:
+    """The ellipse holding every eye the eye latents can draw on `side` (-1 left, 1 right): an
+    ellipse's radii grow monotonically in each latent, so the largest radii at the corners bound all."""
+    index = (-1, 1).index(side)
+    rx, ry = np.max([_radii(*values)[index] for values in _corners("eye_size", "eye_asymmetry", "eye_open")], axis=0)
+    return _ellipse(0.5 + side * 0.105, 0.465, rx, ry)
 
 
 MOUTH_REACH = _reach(lambda c, w, o: np.concatenate(_mouth_curves(c, w, o)), "mouth_curve", "mouth_width", "mouth_open")
 BROW_REACH = {side: _reach(lambda a, r, p, s=side: _brow(s, a, r, p), "brow_angle", "brow_raise", "brow_pinch")
               for side in (-1, 1)}
-EYE_REACH = {side: _ellipse(0.5 + side * 0.105, 0.465, *np.max([radii[k] for radii in
-             (_radii(*values) for values in itertools.product(*(CLIP[n] for n in ("eye_size", "eye_asymmetry", "eye_open"))))],
-             axis=0)) for k, side in enumerate((-1, 1))}
+EYE_REACH = {side: _eye_reach(side) for side in (-1, 1)}
 
 
 def region_masks(face: Face, size: int) -> np.ndarray:
