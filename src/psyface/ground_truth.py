@@ -34,9 +34,6 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.linear_model import RidgeCV
-from sklearn.model_selection import PredefinedSplit, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from psyface.artifacts import EXPLAIN_GROUND_TRUTH_FILE, PREPARED_DIR, Prepared, load_prepared
@@ -94,20 +91,21 @@ def probe_features(images: np.ndarray, feature_map: torch.nn.Module, batch_size:
 
 def out_of_fold(features: np.ndarray, ratings: np.ndarray, folds: np.ndarray, alphas: list[float]
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(predictions, ratings), both centred within each fold: each face predicted by a standardised
-    ridge probe fitted on the other folds (penalty by RidgeCV's efficient leave-one-out within them).
+    """(predictions, ratings), both centred within each fold: each face predicted by a ridge probe
+    fitted on the other folds (penalty by RidgeCV's efficient leave-one-out within them).
 
     Centring per fold matters for a null result: a fold whose ratings run high leaves a training
     mean that runs low, so pooled out-of-fold predictions of pure noise correlate *negatively* with
     the ratings (about -.05 to -.1 here), which would eat into the `max_outside_r` margin."""
-    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=alphas))
-    predicted = cross_val_predict(probe, features, ratings, cv=PredefinedSplit(folds))
-    return predicted - fold_means(predicted, folds), ratings - fold_means(ratings, folds)
-
-
-def fold_means(values: np.ndarray, folds: np.ndarray) -> np.ndarray:
-    """Each row's mean over the rows of its fold."""
-    return pd.Series(values).groupby(folds).transform("mean").to_numpy()
+    predicted, centred = np.empty(len(ratings)), np.empty(len(ratings))
+    for fold in np.unique(folds):
+        fit, held = folds != fold, folds == fold
+        mean, std = features[fit].mean(0), features[fit].std(0) + 1e-6
+        ridge = RidgeCV(alphas=alphas).fit((features[fit] - mean) / std, ratings[fit])
+        predicted[held] = ridge.predict((features[held] - mean) / std)
+        predicted[held] -= predicted[held].mean()
+        centred[held] = ratings[held] - ratings[held].mean()
+    return predicted, centred
 
 
 def without_biases(ratings: np.ndarray, table: pd.DataFrame, biases: list[str]) -> np.ndarray:
