@@ -125,6 +125,6 @@ def test_metrics_flatten_to_mlflow_names(explained):
 def test_the_repository_params_parse_and_unknown_budgets_are_refused(tmp_path):
     params = load_section("explain", ExplainParams)
     check_params(params)
-    assert params.methods == ["gradcam", "hirescam", "gradcam_plusplus", "layercam", "lrp", "integrated_gradients"]
+    assert params.methods == ["gradcam", "hirescam", "gradcam_plusplus", "layercam", "lrp"]
     with pytest.raises(PsyfaceError, match="unknown methods \\['saliency'\\]"):
         check_params(dataclasses.replace(params, max_images={"saliency": 3}))
