@@ -30,6 +30,16 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_synthetic(tmp_path_factory.mktemp("synthetic") / "data")
 
 
+@pytest.fixture(scope="session")
+def default_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded default dataset (1,500 faces, what `psyface synth` writes), generated once per
+    worker for the tests that need the real thing: do not modify it. Its users share the xdist group
+    `default_data`, so one worker generates it once."""
+    root = tmp_path_factory.mktemp("default") / "data"
+    generate(root, SynthConfig(), progress=False)
+    return root
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run `python -m psyface.cli ARGS` in a fresh process, as a user would from a shell."""

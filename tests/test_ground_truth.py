@@ -72,13 +72,12 @@ def prepared_faces(data: Path):  # noqa: ANN201 - (spec, Prepared)
 
 
 @pytest.mark.slow
-def test_the_default_generator_passes_the_model_free_check(tmp_path):
+@pytest.mark.xdist_group("default_data")
+def test_the_default_generator_passes_the_model_free_check(default_data):
     """On the default dataset, prepared as the pipeline does, a probe that cannot see an attribute's
     regions learns nothing about it, a probe that sees only them learns it, and the injected rater
     bias is visible outside the masks until it is partialled out."""
-    data = tmp_path / "data"
-    synth.generate(data, synth.SynthConfig(), progress=False)
-    spec, prepared = prepared_faces(data)
+    spec, prepared = prepared_faces(default_data)
     result = check_ground_truth(spec, prepared, GroundTruthParams(n_boot=200))
     checked = result["attributes"]
     assert all(entry["valid"] for entry in checked.values()), {n: e["reason"] for n, e in checked.items()}
