@@ -265,8 +265,8 @@ def test_server_ui_compares_the_runs_of_both_workspaces(team, race, chromium, tm
                 " ".join(["train.epochs", *(run.data.params["train.epochs"] for run in runs)]), "val_loss",
                 " ".join(mlflow_ui_number(run.data.metrics["val_loss"]) for run in runs)]
     url = f"{team.url}/#/compare-runs?runs={url_json(ids)}&experiments={url_json([runs[0].info.experiment_id])}"
-    # a tall window: the compare view renders only the rows in view, and evaluate's test metrics (logged
-    # into the training runs) push val_loss far down the metrics table
+    # a tall window: the compare view renders only the rows in view, and val_loss sits far down a
+    # training run's long metrics table
     with DevTools(chromium, tmp_path, credentials=READER, size=(1280, 8000)) as page:
         page.open(url)
         try:
