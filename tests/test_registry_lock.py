@@ -36,3 +36,28 @@ def test_lock_excludes_a_second_holder_is_released_and_broken_when_its_owner_die
     with tracking.registry_lock("m", wait_s=5):
         pass
     assert "broke the stale promotion lock" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_lock_released_while_the_store_reports_the_clash_is_taken_not_an_error(store, monkeypatch):
+    """MLflow's create_registered_model meets the existing name (IntegrityError), then looks the model
+    up to word its error; a holder that releases in between makes that lookup fail with
+    RESOURCE_DOES_NOT_EXIST (seen with two evaluates against the PostgreSQL-backed server). The real
+    store, with the holder's release placed exactly in that window: the waiter must get the lock."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    lock = f"m{tracking.LOCK_SUFFIX}"
+    store.create_registered_model(lock, tags={tracking.LOCK_OWNER_TAG: f"elsewhere:{os.getpid()}"})
+    lookup = SqlAlchemyStore.get_registered_model
+    released = []
+
+    def holder_releases_first(self, name):
+        if name == lock and not released:
+            released.append(name)
+            self.delete_registered_model(name)
+        return lookup(self, name)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", holder_releases_first)
+    with tracking.registry_lock("m", wait_s=5):
+        assert released and store.get_registered_model(lock).tags[tracking.LOCK_OWNER_TAG].endswith(f":{os.getpid()}")
+    assert not store.search_registered_models(filter_string=f"name = '{lock}'")

@@ -271,7 +271,10 @@ def registry_lock(name: str, wait_s: float = 600, stale_s: float = 900) -> Itera
                                            description=f"psyface promotion lock of {name!r}, held by {owner}")
             break
         except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            # RESOURCE_DOES_NOT_EXIST: our insert met the lock, and its holder released it before the
+            # store looked the existing model up to report the clash (MLflow's create is not atomic
+            # there). Either way the lock was taken a moment ago: try again.
+            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         try:
             held = client.get_registered_model(lock)
