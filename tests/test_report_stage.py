@@ -1,8 +1,8 @@
 """The report stage end to end, checked as a person would: the page in headless Chromium, the run
 and the champion model in `mlflow ui`.
 
-One tiny project (synthetic faces, split, prepare, a one-epoch 32-px model) is built once per test
-session and shared between xdist workers through a file lock; the stages other than `report` that
+One tiny project (synthetic faces, split, prepare, a one-epoch 32-px model) is built once for the
+tests that need it, which run on one xdist worker (group `report`); the stages other than `report` that
 are not run here (validate, evaluate, explain) are stood in for by small files of their shape.
 Screenshots go to test-artifacts/ (ignored by git).
 """
@@ -13,7 +13,6 @@ import dataclasses
 import html
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +24,6 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import make_synthetic
-from filelock import FileLock
 
 import psyface
 from psyface.report.html import SECTIONS
@@ -109,19 +107,17 @@ def build_project(project: Path) -> None:
     run_module("psyface.report", project)
 
 
-@pytest.fixture(scope="session")
-def project(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
-    """The tiny project after `report` ran; built once even when xdist workers ask together."""
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
-    folder = shared / "report-project"
-    with FileLock(str(shared / "report-project.lock")):
-        if not (folder / "reports" / "index.html").is_file():
-            shutil.rmtree(folder, ignore_errors=True)
-            build_project(folder)
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny project after `report` ran, built once: its users share the xdist group `report`, so
+    one worker builds it and runs them while the other goes on with other tests."""
+    folder = tmp_path_factory.mktemp("report") / "project"
+    build_project(folder)
     return folder
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("report")
 def test_report_outputs_tables_and_metrics(project: Path) -> None:
     fairness = project / "reports" / "fairness"
     gaps = pd.read_csv(fairness / "gaps.csv")
@@ -140,6 +136,7 @@ def test_report_outputs_tables_and_metrics(project: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("report")
 def test_report_opens_in_chromium_with_every_image_and_section(project: Path, chromium: Path, tmp_path: Path) -> None:
     page = (project / "reports" / "index.html").read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page  # self-contained: nothing fetched
@@ -171,6 +168,7 @@ def get_json(url: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("report")
 def test_mlflow_ui_shows_the_run_metrics_and_the_champion(project: Path, chromium: Path, tmp_path: Path) -> None:
     run = json.loads((project / "artifacts" / "train" / "run.json").read_text())
     port = free_port()

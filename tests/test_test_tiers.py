@@ -1,0 +1,31 @@
+"""The test runner does what the suite's layout relies on: `--dist loadgroup` keeps an xdist group on
+one worker (the team server, the pipeline and report projects and the default dataset are built once
+per group, not once per worker). pytest 9.2 silently broke this with xdist 3.8 (pytest-xdist#1386):
+the groups' tests were spread over both workers and every shared fixture was built twice."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+GROUPED = '''import pytest
+pytestmark = pytest.mark.xdist_group("together")
+'''
+
+
+def test_an_xdist_group_runs_on_one_worker(tmp_path: Path) -> None:
+    for module in ("a", "b"):
+        body = "".join(f"def test_{module}{i}():\n    pass\n" for i in range(4))
+        (tmp_path / f"test_{module}.py").write_text(GROUPED + body)
+    (tmp_path / "test_loose.py").write_text("".join(f"def test_loose{i}():\n    pass\n" for i in range(4)))
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-v", "-p", "no:cacheprovider",
+                           str(tmp_path)], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    ran = re.findall(r"\[(gw\d)\] .*PASSED \S*::(test_\w+?)(@\w+)?\s", done.stdout)
+    assert len(ran) == 12, done.stdout[-2000:]
+    grouped = {(worker, group) for worker, name, group in ran if not name.startswith("test_loose")}
+    assert grouped in ({("gw0", "@together")}, {("gw1", "@together")}), grouped
