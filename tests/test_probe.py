@@ -25,6 +25,7 @@ from psyface.model import (
     build_model,
     predict_ratings,
 )
+from psyface.metrics import pearson_columns
 from psyface.resampling import fold_summary, grouped_bootstrap_r, grouped_folds
 from psyface.train import probe_backbone
 from psyface.training import TrainParams
@@ -140,6 +141,29 @@ def test_grouped_bootstrap_interval_brackets_r_and_widens_with_duplicated_identi
     summary = fold_summary([{"a": 0.5, "b": 0.1}, {"a": 0.7, "b": 0.3}], ["a", "b"])
     assert summary["a"]["pearson_r_mean"] == pytest.approx(0.6)
     assert summary["mean"]["pearson_r_sd"] == pytest.approx(np.std([0.3, 0.5], ddof=1))
+
+
+def test_grouped_bootstrap_r_is_pearson_r_on_the_resampled_rows():
+    """Each resample's r, computed from group counts as a weighted r, equals pearsonr on the rows of
+    the drawn groups concatenated (the definition); a constant column has no r (NaN)."""
+    rng = np.random.default_rng(3)
+    groups = rng.integers(0, 25, 70).astype(str)
+    rated = rng.standard_normal((70, 3))
+    predicted = rated + rng.standard_normal((70, 3))
+    labels, members = np.unique(groups, return_inverse=True)
+    drawn = np.random.default_rng(11).integers(0, len(labels), (300, len(labels)))  # the function's draws
+    expected = []
+    for resample in drawn:
+        rows = np.concatenate([np.flatnonzero(members == g) for g in resample])
+        expected.append(pearson_columns(predicted[rows], rated[rows]))
+    expected = np.array(expected)
+    low, high, mean_low, mean_high = grouped_bootstrap_r(predicted, rated, groups, n_boot=300, seed=11)
+    np.testing.assert_allclose(low, np.nanpercentile(expected, 2.5, axis=0), atol=1e-12)
+    np.testing.assert_allclose(high, np.nanpercentile(expected, 97.5, axis=0), atol=1e-12)
+    np.testing.assert_allclose([mean_low, mean_high], np.nanpercentile(np.nanmean(expected, axis=1), [2.5, 97.5]), atol=1e-12)
+    constant = np.ones((6, 1))
+    with pytest.warns(RuntimeWarning, match="All-NaN"):  # numpy's percentile of no defined r
+        assert np.all(np.isnan(grouped_bootstrap_r(constant, np.arange(6.0)[:, None], np.arange(6), n_boot=20)[0]))
 
 
 @pytest.mark.slow
