@@ -54,9 +54,9 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def default_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded default dataset (1,500 faces, what `psyface synth` writes), generated once per
-    worker for the tests that need the real thing: do not modify it. Its users share the xdist group
-    `default_data`, so one worker generates it once."""
+    """The embedded default dataset (1,500 faces, what `psyface synth` writes) for the tests that need
+    the real thing: do not modify it. Its users share the xdist group `default_data`, so one worker
+    generates it, once."""
     root = tmp_path_factory.mktemp("default") / "data"
     generate(root, SynthConfig(), progress=False)
     return root
