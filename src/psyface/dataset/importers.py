@@ -29,14 +29,12 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
 from psyface.dataset.layout import DATA_DIR, Attribute, DatasetSpec
 from psyface.dataset.reliability import (
@@ -48,6 +46,7 @@ from psyface.dataset.reliability import (
     reliabilities,
 )
 from psyface.errors import PsyfaceError, entry_point
+from psyface.parallel import process_map, usable_cores
 from psyface.images import ImageProblem, open_image, to_rgb
 from psyface.io import replace_dir_atomic
 
@@ -372,23 +371,15 @@ def keep_file(source: Path, target: Path, copy: bool) -> str:
     return "copied"
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def import_images(plan: ImportPlan, ids: list[str], images_out: Path, workers: int) -> tuple[Counter, dict[str, str]]:
     """Store every row's image in `images_out` on `workers` processes -> (counts of what was kept or
     converted and why, {id: problem} for the images that could not be imported)."""
     images_out.mkdir(parents=True, exist_ok=True)
     raw_ids = plan.table[plan.id_column].tolist()
     sources = [plan.images_dir / plan.filename_template.format(id=raw) for raw in raw_ids]
-    jobs = (sources, [images_out] * len(ids), ids, [plan.copy] * len(ids))
-    bar = {"desc": "import images", "unit": "img", "total": len(ids), "disable": None}
-    if workers <= 1:
-        results = list(tqdm(map(store_image, *jobs), **bar))
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(tqdm(pool.map(store_image, *jobs, chunksize=8), **bar))
+    jobs = [(source, images_out, image_id, plan.copy) for source, image_id in zip(sources, ids, strict=True)]
+    results = process_map(store_image, jobs, workers,
+                          {"desc": "import images", "unit": "img", "disable": None}, chunksize=8)
     counts: Counter = Counter()
     problems = {}
     for image_id, (kind, detail) in zip(ids, results, strict=True):
@@ -431,7 +422,7 @@ def write_dataset(plan: ImportPlan, out: Path, force: bool, workers: int | None 
     counts: Counter = Counter()
 
     def fill(folder: Path) -> None:
-        stored, failed = import_images(plan, ids, folder / "images", workers or default_workers())
+        stored, failed = import_images(plan, ids, folder / "images", workers or usable_cores())
         counts.update(stored)
         problems.update(failed)
         table.to_csv(folder / "ratings.csv", index=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
@@ -19,7 +20,6 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 import psyface
 from psyface import tracking
@@ -55,6 +55,7 @@ from psyface.expressions.served import (
     LandmarkExpressionModel,
     feature_columns,
 )
+from psyface.parallel import process_map, usable_cores
 from psyface.io import (
     replace_dir_atomic,
     write_atomic,
@@ -133,6 +134,18 @@ def fitter(
         return Fitted(scores, relevance, model)
 
     return fit
+
+
+def reduce_expression(splits: SplitData, expression: str, classes: list[str], params: ExpressionsParams,
+                      n_points: int) -> bytes:
+    """One expression's whole reduction path, pickled: the expressions are independent, so the stage
+    runs them on separate cores. Plain pickle bytes, not torch's shared-memory tensor passing, which
+    would hold a file descriptor open per returned tensor. One thread each: for these tiny MLPs
+    thread hand-offs cost more than they save."""
+    torch.set_num_threads(1)
+    steps = reduce_landmarks(n_points, fitter(splits, expression, classes, params), params.drop_per_step,
+                             params.min_landmarks)
+    return pickle.dumps(ExpressionResult(expression, steps, choose_step(steps, "val_log_loss", params.tolerance)))
 
 
 def region_share(kept: np.ndarray, regions: list[str], landmark_regions: dict[str, list[int]]) -> float:
@@ -353,22 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     check_regions(params, classes, landmark_regions)
     splits = SplitData.from_landmarks(data)
     n_points = data.points.shape[1]
-    torch.set_num_threads(1)  # tiny MLPs: thread hand-offs cost more than they save
-    results = []
-    per_expression = count_steps(n_points, params.drop_per_step, params.min_landmarks)
-    bar = tqdm(total=len(classes) * per_expression, desc="expressions: fits", unit="fit")
-    for expression in classes:
-        bar.set_postfix_str(expression)
-        fit = fitter(splits, expression, classes, params)
-
-        def fit_with_progress(kept: np.ndarray, fit: Callable[[np.ndarray], Fitted] = fit) -> Fitted:
-            fitted = fit(kept)
-            bar.update()
-            return fitted
-
-        steps = reduce_landmarks(n_points, fit_with_progress, params.drop_per_step, params.min_landmarks)
-        results.append(ExpressionResult(expression, steps, choose_step(steps, "val_log_loss", params.tolerance)))
-    bar.close()
+    for expression in classes:  # a missing class fails here, before any worker starts
+        fitter(splits, expression, classes, params)
+    jobs = [(splits, expression, classes, params, n_points) for expression in classes]
+    bar = {"desc": f"expressions: {count_steps(n_points, params.drop_per_step, params.min_landmarks)} fits each",
+           "unit": "expression"}
+    results = [pickle.loads(result) for result in process_map(reduce_expression, jobs, usable_cores(), bar, spawn=True)]
     values = write_reports(results, data, params, landmark_regions)
     if not args.no_tracking:
         lineage = track(results, data, params, values)
