@@ -106,6 +106,31 @@ def test_deleting_or_inserting_the_pixels_a_model_uses_first_beats_a_random_orde
     assert (area_under_curve(insertion) > 1.5 * area_under_curve(random_insertion)).all()
 
 
+def test_perturbation_curves_match_their_definition_image_by_image_for_every_attribute():
+    """The batched curves (each image and the baseline predicted once, both ends filled in) against
+    the docstring's definition evaluated one perturbed image at a time, at every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 3)).eval()
+    images, orders, steps = torch.rand(2, 3, 6, 6), torch.rand(2, 3, 6, 6), 4
+    deletion, insertion = perturbation_curves(model, images, orders, steps, batch_size=5)
+    with torch.no_grad():
+        baseline = model(torch.zeros(1, 3, 6, 6))[0]
+        for i, image in enumerate(images):
+            full = model(image[None])[0]
+            for a in range(3):
+                order = orders[i, a].flatten().argsort(descending=True)
+                for k in range(steps + 1):
+                    top = torch.zeros(36, dtype=torch.bool)
+                    top[order[: round(k * 36 / steps)]] = True
+                    top = top.view(1, 6, 6)
+                    deleted = model((image * ~top)[None])[0, a]
+                    kept = model((image * top)[None])[0, a]
+                    assert deletion[i, a, k] == pytest.approx(abs(full[a] - deleted).item(), abs=1e-5)
+                    expected = abs(baseline[a] - full[a]) - abs(full[a] - kept)
+                    assert insertion[i, a, k] == pytest.approx(expected.item(), abs=1e-5)
+
+
 def test_insertion_of_the_wrong_region_first_stays_at_the_baseline(images):
     model = region_model(MOUTH)
     wrong = EYES.float().expand(len(images), 1, SIZE, SIZE)

@@ -140,16 +140,22 @@ def perturbation_curves(
     n_pixels = images.shape[-1] * images.shape[-2]
 
     def predict(batch: torch.Tensor) -> torch.Tensor:
-        predictions = torch.cat([model(chunk) for chunk in batch.split(batch_size)])
-        return predictions.gather(1, targets[:, None]).squeeze(1)
+        return torch.cat([model(chunk) for chunk in batch.split(batch_size)])
 
-    with torch.no_grad():
-        full, empty = predict(rows), predict(torch.zeros_like(rows[:1]).expand_as(rows))
-        deleted, inserted = [], []
-        for k in range(steps + 1):
+    def predict_rows(batch: torch.Tensor) -> torch.Tensor:  # row i * A + a: attribute a of image i
+        return predict(batch).gather(1, targets[:, None]).squeeze(1)
+
+    with torch.no_grad():  # each image and the baseline once; the ends of both curves are known
+        full = predict(images)[:, :n_attributes].reshape(-1)
+        span = (predict(torch.zeros_like(images[:1]))[0, targets] - full).abs()
+        nothing = torch.zeros_like(span)
+        deleted, inserted = [nothing], [nothing]
+        for k in range(1, steps):
             top = ranks < round(k * n_pixels / steps)
-            deleted.append((predict(rows * ~top) - full).abs())
-            inserted.append((empty - full).abs() - (predict(rows * top) - full).abs())
+            deleted.append((predict_rows(rows * ~top) - full).abs())
+            inserted.append(span - (predict_rows(rows * top) - full).abs())
+        deleted.append(span)
+        inserted.append(span)
     shape = (n_images, n_attributes, steps + 1)
     return torch.stack(deleted, 1).reshape(shape).numpy(), torch.stack(inserted, 1).reshape(shape).numpy()
 
