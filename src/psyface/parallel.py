@@ -18,16 +18,13 @@ def usable_cores() -> int:
 
 
 def process_map(function: Callable[..., Any], jobs: Sequence[tuple], workers: int, bar: dict[str, Any],
-                chunksize: int = 1, spawn: bool = False) -> list[Any]:
-    """`[function(*job) for job in jobs]`, in order, on up to `workers` processes (in this process
-    when one is enough), with a tqdm bar (`bar`: its keyword arguments) over the jobs.
-
-    `spawn`: fresh interpreters instead of forks, for callers that have started torch, whose
-    OpenMP thread pool does not survive a fork."""
+                chunksize: int = 1) -> list[Any]:
+    """`[function(*job) for job in jobs]`, in order, on up to `workers` forked processes (in this
+    process when one is enough), with a tqdm bar (`bar`: its keyword arguments) over the jobs.
+    Forks, not fresh interpreters: a spawned worker would pay seconds of imports (torch) first."""
     workers = min(workers, len(jobs))
     columns = list(zip(*jobs, strict=True)) if jobs else []
     if workers <= 1:
         return list(tqdm(map(function, *columns), total=len(jobs), **bar))
-    context = multiprocessing.get_context("spawn") if spawn else None
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
         return list(tqdm(pool.map(function, *columns, chunksize=chunksize), total=len(jobs), **bar))

@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(splits, expression, classes, params, n_points) for expression in classes]
     bar = {"desc": f"expressions: {count_steps(n_points, params.drop_per_step, params.min_landmarks)} fits each",
            "unit": "expression"}
-    results = [pickle.loads(result) for result in process_map(reduce_expression, jobs, usable_cores(), bar, spawn=True)]
+    results = [pickle.loads(result) for result in process_map(reduce_expression, jobs, usable_cores(), bar)]
     values = write_reports(results, data, params, landmark_regions)
     if not args.no_tracking:
         lineage = track(results, data, params, values)
