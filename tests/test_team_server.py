@@ -246,18 +246,19 @@ def race(team, tmp_path_factory: pytest.TempPathFactory, synthetic_data):
 
 
 def test_server_ui_compares_the_runs_of_both_workspaces(team, race, chromium, tmp_path, monkeypatch):
-    """(Runs before the concurrent evaluates: once `evaluate` has logged its test metrics into the two
-    runs, MLflow 3.17's compare page reported one of them as "Runs were not found" although the REST
-    search as the same user returned both; seen in 3 of 3 tries, not yet understood.)
-    A read-only user signs in to the server's UI in a real browser and opens the compare view of the
+    """A read-only user signs in to the server's UI in a real browser and opens the compare view of the
     two workspaces' runs: both runs' ids and names, each workspace's own params.yaml values and each
-    run's val_loss as the server stores it, side by side."""
+    run's val_loss as the server stores it, side by side. (The page's "Runs were not found" for one
+    of the two, seen now and then, was that run in the Default experiment: the two trainings create
+    the experiment at once, and MLflow's `set_experiment` left the loser on experiment 0;
+    `tracking.ensure_experiment` fixes it, test_experiment_race.py proves it.)"""
     roots, trainings = race
     for result in trainings:
         ok(result)
     ids = [json.loads((root / "artifacts" / "train" / "run.json").read_text())["run_id"] for root in roots]
     runs = [team.client(READER, monkeypatch).get_run(run_id) for run_id in ids]
     assert [run.data.params["train.seed"] for run in runs] == ["1", "2"]
+    assert len({run.info.experiment_id for run in runs}) == 1 and runs[0].info.experiment_id != "0"
 
     # a params row reads `name A B`; the metrics table shows the names in one column and each metric's
     # values (one per run, in the URL's order) side by side in another

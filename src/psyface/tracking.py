@@ -45,8 +45,9 @@ from psyface.model import (
     load_trained,
     save_trained,
 )
+from psyface.run_safety import OWNER_TAG, owner_is_gone, owner_tags, sqlite_path
 
-# SQLite backend inside mlruns/ (the file store is deprecated); artifacts land under ./mlruns too.
+# SQLite backend inside mlruns/ (the file store is deprecated); artifacts beside it in mlruns/artifacts/ (ensure_experiment).
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 MODEL_ARTIFACT = "model"
 CANDIDATE = "candidate"
@@ -102,10 +103,24 @@ def tracking_uri() -> str:
 
 
 def ensure_experiment(name: str) -> mlflow.entities.Experiment:
-    """Set the active experiment, creating it with its artifacts under the project's store."""
-    if mlflow.get_experiment_by_name(name) is None and not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.create_experiment(name, artifact_location=(store_dir() / "artifacts").as_uri())
-    return mlflow.set_experiment(name)
+    """Set the active experiment, creating it when it does not exist, also when another process
+    creates it at the same moment.
+
+    In a local SQLite store a new experiment keeps its artifacts beside the database (the project's:
+    mlruns/artifacts/). MLflow's default is mlruns/ under the current folder, which for a queued DVC
+    experiment is the temporary copy that DVC deletes afterwards, and with it the artifacts of every
+    run of that experiment. Made active by id at the end: when two processes create the same
+    experiment at once, MLflow's `set_experiment(name)` hands the loser the winner's experiment
+    without making it active (its RESOURCE_ALREADY_EXISTS branch returns early), so the loser's runs
+    would land in the Default experiment."""
+    database = sqlite_path(mlflow.get_tracking_uri())
+    if database is not None and mlflow.get_experiment_by_name(name) is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=(database.resolve().parent / "artifacts").as_uri())
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    return mlflow.set_experiment(experiment_id=mlflow.set_experiment(name).experiment_id)
 
 
 def use_tracking(uri: str | None = None) -> str:
@@ -259,8 +274,6 @@ def registry_lock(name: str, wait_s: float = 600, stale_s: float = 900) -> Itera
     `<name>.psyface-lock` succeeds for exactly one caller; the others retry until it is deleted. A
     lock whose owner process died on this host, or older than `stale_s` (clock of the server), is
     broken. Works the same on the local SQLite store."""
-    from psyface.run_safety import OWNER_TAG, owner_is_gone, owner_tags
-
     client = MlflowClient()
     lock = f"{name}{LOCK_SUFFIX}"
     owner = owner_tags()[OWNER_TAG]

@@ -1,0 +1,84 @@
+"""`tracking.ensure_experiment` on a real SQLite store: two processes creating the same experiment
+at once (the one that loses the race must still log into it: MLflow's `set_experiment(name)` alone
+leaves it on the Default experiment, seen as a server test's run in experiment 0), and where a new
+experiment keeps its artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import mlflow.artifacts
+import mlflow.tracking.fluent
+import pytest
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+from psyface import tracking
+
+
+@pytest.fixture
+def created_by_another_process_meanwhile(monkeypatch) -> None:
+    """The store answers "no such experiment" until this process's own create meets the one another
+    process made in between (which is made, for real, at the first lookup)."""
+    lookup, create = SqlAlchemyStore.get_experiment_by_name, SqlAlchemyStore.create_experiment
+    state = {"made": False, "clashed": False}
+
+    def stale_lookup(self, name):
+        if not state["made"]:
+            state["made"] = True
+            create(self, name)
+        return lookup(self, name) if state["clashed"] else None
+
+    def clashing_create(self, name, *args, **kwargs):
+        state["clashed"] = True
+        return create(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_experiment_by_name", stale_lookup)
+    monkeypatch.setattr(SqlAlchemyStore, "create_experiment", clashing_create)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # restored afterwards
+
+
+def runs_land_in(name: str) -> bool:
+    experiment = tracking.ensure_experiment(name)
+    with mlflow.start_run() as run:
+        pass
+    return run.info.experiment_id == experiment.experiment_id != "0"
+
+
+@pytest.mark.slow  # a fresh SQLite store (MLflow's migrations) takes seconds
+def test_the_loser_of_the_race_on_a_team_store_logs_into_the_experiment(tmp_path, monkeypatch,
+                                                                       created_by_another_process_meanwhile):
+    uri = f"sqlite:///{tmp_path / 'team.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.use_tracking(uri)
+    assert runs_land_in("race")
+
+
+@pytest.mark.slow
+def test_the_loser_of_the_race_on_the_project_store_neither_fails_nor_strays(tmp_path, monkeypatch,
+                                                                            created_by_another_process_meanwhile):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tracking.use_tracking()
+    assert runs_land_in("race")
+
+
+@pytest.mark.slow
+def test_a_new_experiment_keeps_its_artifacts_in_the_project_store_when_run_from_a_copy(tmp_path, monkeypatch):
+    """A queued DVC experiment runs in a temporary copy of the project (deleted afterwards) with
+    DVC_ROOT naming the project: the experiment it creates must keep its artifacts in the project's
+    mlruns/, not under the copy (MLflow's default: mlruns/ of the current folder)."""
+    project, copy = tmp_path / "project", tmp_path / "project" / ".dvc" / "tmp" / "exps" / "copy"
+    copy.mkdir(parents=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv(tracking.DVC_ROOT, str(project))
+    monkeypatch.chdir(copy)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    tracking.use_tracking()
+    tracking.ensure_experiment("queued")
+    with mlflow.start_run() as run:
+        mlflow.log_text("kept", "note.txt")
+    stored = Path(mlflow.artifacts.download_artifacts(run.info.artifact_uri + "/note.txt", dst_path=str(tmp_path)))
+    assert stored.read_text() == "kept"
+    assert (project / "mlruns" / "artifacts" / run.info.run_id / "artifacts" / "note.txt").is_file()
+    assert not (copy / "mlruns").exists()
