@@ -5,6 +5,8 @@ experiment keeps its artifacts."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -14,6 +16,19 @@ import pytest
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
 from psyface import tracking
+
+
+@pytest.fixture(autouse=True)
+def own_active_experiment(monkeypatch) -> Iterator[None]:
+    """MLflow keeps the active experiment in a global and exports it as MLFLOW_EXPERIMENT_ID: both
+    are put back afterwards, or later tests in this worker would log into this test's experiment id
+    (monkeypatch.delenv records nothing for a variable that is not set yet)."""
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    before = os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    yield
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    if before is not None:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = before
 
 
 @pytest.fixture
@@ -35,7 +50,6 @@ def created_by_another_process_meanwhile(monkeypatch) -> None:
 
     monkeypatch.setattr(SqlAlchemyStore, "get_experiment_by_name", stale_lookup)
     monkeypatch.setattr(SqlAlchemyStore, "create_experiment", clashing_create)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # restored afterwards
 
 
 def runs_land_in(name: str) -> bool:
@@ -73,7 +87,6 @@ def test_a_new_experiment_keeps_its_artifacts_in_the_project_store_when_run_from
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv(tracking.DVC_ROOT, str(project))
     monkeypatch.chdir(copy)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     tracking.use_tracking()
     tracking.ensure_experiment("queued")
     with mlflow.start_run() as run:
