@@ -11,7 +11,14 @@ APT_PACKAGES := chromium
 
 install: $(VENV)/.installed
 
+# The venv takes about 7 GB (torch's CUDA build, the one that loads torchvision here). pip's own
+# "No space left on device" comes minutes into the install, with a half-written venv: check first.
+INSTALL_FREE_GB ?= 8
+
 $(VENV)/.installed: pyproject.toml
+	@free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt $(INSTALL_FREE_GB) ]; then \
+	  echo "make install: $$free GB free on $$(df -P . | awk 'NR == 2 {print $$6}'), the venv needs about $(INSTALL_FREE_GB) GB (free some, or INSTALL_FREE_GB=N to override)" >&2; exit 2; fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"

@@ -29,3 +29,16 @@ def test_an_xdist_group_runs_on_one_worker(tmp_path: Path) -> None:
     assert len(ran) == 12, done.stdout[-2000:]
     grouped = {(worker, group) for worker, name, group in ran if not name.startswith("test_loose")}
     assert grouped in ({("gw0", "@together")}, {("gw1", "@together")}), grouped
+
+
+def test_install_refuses_a_full_disk_in_one_line_before_pip_runs(tmp_path: Path) -> None:
+    """A CI run once died three minutes into pip with "No space left on device" and a
+    half-written venv; `make install` checks the room first."""
+    venv = tmp_path / "venv"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["make", "-s", "install", f"VENV={venv}", "INSTALL_FREE_GB=100000000"], cwd=root,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("make: ***")]
+    assert len(lines) == 1 and "GB free" in lines[0] and "100000000 GB" in lines[0], done.stderr
+    assert not venv.exists()
