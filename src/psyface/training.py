@@ -189,16 +189,29 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> t
     return schedulers.SequentialLR(optimizer, [warm, decay], milestones=[warmup])
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string as Linux reports it (`AuthenticAMD`, `GenuineIntel`), or "" elsewhere:
+    torch exposes the bf16 instruction sets but not whose implementation of them it runs on."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
+
+
 def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether training runs under bf16 autocast. `auto` picks it where bf16 matrix units make it
-    faster: CUDA, and CPUs with AMX tiles (about 2x fp32 there). AVX-512 BF16 alone is not enough:
-    on such a Xeon a VGG16 train step measured 0.67x fp32's speed in bf16 and its bf16 matmul peak
-    half the fp32 one (benchmarks/bench_train.py), so those CPUs, and every other, stay fp32."""
+    """Whether training runs under bf16 autocast. `auto` picks it where it measured faster than fp32
+    (benchmarks/bench_train.py, VGG16-BN train step at 64 px): CUDA; CPUs with AMX tiles (about 2x);
+    AMD CPUs with AVX-512 BF16 (an AMD EPYC, Zen 5: 1.84x). AVX-512 BF16 alone on Intel is not enough:
+    on such a Xeon (no AMX) the step ran at 0.67x fp32's speed, so it and every other CPU stay fp32."""
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and torch.cpu._is_amx_tile_supported()
+    if device.type != "cpu":
+        return False
+    amd_bf16 = torch.cpu._is_avx512_bf16_supported() and cpu_vendor() == "AuthenticAMD"
+    return torch.cpu._is_amx_tile_supported() or amd_bf16
 
 
 def train_epochs(
