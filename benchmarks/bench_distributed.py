@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from psyface.distributed import Context, DistributedParams, session  # noqa: E402
 from psyface.model import build_model  # noqa: E402
-from psyface.training import Data, TrainParams, TrainState, train_epochs  # noqa: E402
+from psyface.training import Data, TrainParams, TrainState, cpuinfo_field, train_epochs  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -100,9 +100,7 @@ def bench_cpu(args: argparse.Namespace) -> None:
         out = str(Path(folder) / "rate")
         torch.multiprocessing.spawn(cpu_rank, args=(args.processes, free_port(), args, out), nprocs=args.processes)
         rates[f"{args.processes} processes x 1 thread (gloo)"] = float(Path(out).read_text())
-    info = Path("/proc/cpuinfo")
-    model = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-                  if line.startswith("model name")), "unknown") if info.exists() else "unknown"
+    model = cpuinfo_field("model name") or "unknown"
     bf16 = "native bf16" if (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()) else "fp32 path"
     print(f"CPU: {model} ({cores} cores, {bf16}, load average {os.getloadavg()[0]:.1f} at the end); {args.arch} at "
           f"{args.size} px, global batch {args.batch_size}, {args.images} images per epoch")

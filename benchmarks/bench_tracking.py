@@ -26,13 +26,6 @@ import numpy as np
 import pandas as pd
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def measure(uri: str, epochs: int, models: int, attributes: int, artifacts: Path | None = None) -> dict[str, float]:
     """Mean cost per epoch's metrics and per registered model against `uri` (`artifacts`: local folder
     for a SQLite store, which would otherwise write ./mlruns; a server keeps its own)."""
@@ -84,7 +77,10 @@ def main() -> None:
             remote = measure(state.url, args.epochs, args.models, args.attributes)
         finally:
             server.stop(root)
-    print(f"tracking cost on {cpu_name()} ({os.cpu_count()} cores), {args.epochs} epochs x "
+    from psyface.training import cpuinfo_field
+
+    cpu = cpuinfo_field("model name") or platform.processor() or "unknown CPU"
+    print(f"tracking cost on {cpu} ({os.cpu_count()} cores), {args.epochs} epochs x "
           f"{4 + args.attributes} metrics, {args.models} tiny models")
     print(f"{'':28}{'SQLite (local)':>16}{'server (HTTP)':>16}{'server/SQLite':>15}")
     for key, label in (("epoch_ms", "per-epoch logging, ms"), ("register_s", "log + register model, s")):

@@ -37,7 +37,7 @@ from psyface.config import load_section
 from psyface.dataset.layout import DATA_DIR, load_dataset
 from psyface.model import build_model, normalise, to_unit
 from psyface.prepare import PrepareParams
-from psyface.training import TrainParams, augment, uses_bf16
+from psyface.training import TrainParams, augment, cpuinfo_field, uses_bf16
 
 PEER_SIZE = 224
 
@@ -138,8 +138,7 @@ def main() -> None:
     auto_bf16 = uses_bf16("auto", torch.device("cpu"))  # psyface's default precision on this CPU
     amx = torch.cpu._is_amx_tile_supported()
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or amx
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
+    cpu = cpuinfo_field("model name") or "unknown CPU"
     print(f"bench_train: {params.arch} head={params.head} last_conv_stride={params.last_conv_stride}, {size} px, "
           f"batch {batch}, {args.steps} timed steps per loop, {torch.get_num_threads()} threads; {cpu}, "
           f"native bf16: {'AMX' if amx else 'AVX-512 BF16 only' if native_bf16 else 'no'}, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -189,14 +190,20 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> t
     return schedulers.SequentialLR(optimizer, [warm, decay], milestones=[warmup])
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor string as Linux reports it (`AuthenticAMD`, `GenuineIntel`), or "" elsewhere:
-    torch exposes the bf16 instruction sets but not whose implementation of them it runs on."""
+@functools.cache
+def cpuinfo_field(name: str) -> str:
+    """One field of Linux's /proc/cpuinfo for the first CPU (`vendor_id`, `model name`), or "" where
+    there is none: torch exposes the instruction sets but neither the vendor nor the model."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == name), "")
+
+
+def cpu_vendor() -> str:
+    """`AuthenticAMD`, `GenuineIntel`, or "" off Linux: whose implementation of bf16 the CPU runs."""
+    return cpuinfo_field("vendor_id")
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -210,8 +217,8 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
         return True
     if device.type != "cpu":
         return False
-    amd_bf16 = torch.cpu._is_avx512_bf16_supported() and cpu_vendor() == "AuthenticAMD"
-    return torch.cpu._is_amx_tile_supported() or amd_bf16
+    return torch.cpu._is_amx_tile_supported() or (
+        torch.cpu._is_avx512_bf16_supported() and cpu_vendor() == "AuthenticAMD")
 
 
 def train_epochs(
