@@ -11,6 +11,8 @@ same images, for the same optimiser steps, at the params.yaml image size and net
   protocol), per epoch over all attributes;
 - memory format: channels_last vs contiguous;
 - precision: bf16 autocast vs fp32 (only where the CPU has native bf16: AVX-512 BF16 or AMX);
+- last block: VGG16's block 5 at `last_conv_stride` 8 (one max-pool fewer) vs 16 (as published), in
+  fp32 and in bf16 where native: what the finer block costs on each precision path;
 - the peer as published (224 px, VGG16 with its 4096-wide classifier, PIL decoding, fp32, one network
   per attribute) vs psyface's default, as a separate row: every factor at once.
 
@@ -164,6 +166,13 @@ def main() -> None:
         row("precision", "fp32", multi, "bf16 autocast", bf16)
     else:
         print("  precision: this CPU has no native bf16 (AVX-512 BF16 / AMX): bf16 would be emulated, not timed")
+    coarse = params.last_conv_stride if params.last_conv_stride == 16 else 16  # VGG16 as published
+    fine = 8 if params.last_conv_stride == 16 else params.last_conv_stride
+    for name, bf16_on in (("fp32", False), *((("bf16", True),) if native_bf16 else ())):
+        row(f"last block ({name})", f"last_conv_stride {fine}",
+            time_training(network(stride=fine), cycle, targets, steps, params, bf16_on),
+            f"last_conv_stride {coarse} (published)",
+            time_training(network(stride=coarse), cycle, targets, steps, params, bf16_on))
     peer_params = dataclasses.replace(params, augmentation=dataclasses.replace(params.augmentation, translate=0.0))
     peer = time_training(network(1, "vgg16", "paper", 16), lambda i: decoding(i, PEER_SIZE), targets, max(1, steps // 2),
                          peer_params, False) * len(attributes)

@@ -86,7 +86,7 @@ class TrainParams:
     mode: Literal["finetune", "probe"] = "finetune"  # probe: frozen backbone + ridge heads (psyface.probe)
     arch: str = "vgg16_bn"
     head: Head = "gap"
-    last_conv_stride: Literal[4, 8, 16] = 16  # VGG only: 8 or 4 keep the last blocks' resolution (a finer Grad-CAM grid)
+    last_conv_stride: Literal[4, 8, 16] = 8  # VGG only: 16 as published; 8 or 4 keep the last blocks' resolution
     init: str = "scratch"  # scratch | imagenet | PATH.pth/.safetensors | models:/NAME@ALIAS
     freeze: NonNegativeInt = 0  # VGG convolution blocks (counted from the input) kept as initialised; 0: none
     per_attribute: bool = False

@@ -65,8 +65,8 @@ class TransferParams:
     map_images: PositiveInt = 64  # test faces explained by `maps`
     head_attribute: str = "trustworthy"  # binary (median) vs `head_classes` quantile-bin heads
     head_classes: Annotated[int, Bound(2)] = 4
-    train: TrainParams = field(default_factory=lambda: TrainParams(arch="vgg16_bn_narrow", epochs=8, batch_size=32,
-                                                                   lr=0.002, patience=8, freeze=0))
+    train: TrainParams = field(default_factory=lambda: TrainParams(arch="vgg16_bn_narrow", last_conv_stride=16, epochs=8,
+                                                                   batch_size=32, lr=0.002, patience=8, freeze=0))
 
 
 @dataclass(frozen=True)
