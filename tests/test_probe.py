@@ -259,7 +259,7 @@ def test_fine_tune_cross_validation_logs_a_nested_run_per_fold(tmp_path, monkeyp
     attributes = ["happy", "warm"]
     mlflow.set_tracking_uri(tracking_env(root)["MLFLOW_TRACKING_URI"])
     mlflow.set_experiment("cv")
-    params = TrainParams(arch="test_efficientnet", epochs=1, batch_size=16)
+    params = TrainParams(arch="test_efficientnet", last_conv_stride=16, epochs=1, batch_size=16)
     with mlflow.start_run() as run:
         cross_validate(params, np.asarray(prepared.images), table, attributes, table["identity"].to_numpy(), torch.device("cpu"))
     result = json.loads(CV_FILE.read_text())

@@ -13,7 +13,7 @@ from psyface.dataset.layout import load_dataset
 from psyface.prepare import prepare
 from psyface.split import SplitParams, assign_splits
 
-TINY_TRAIN = {"arch": "test_efficientnet", "epochs": 2, "batch_size": 16, "lr": 0.002, "patience": 5,
+TINY_TRAIN = {"arch": "test_efficientnet", "last_conv_stride": 16, "epochs": 2, "batch_size": 16, "lr": 0.002, "patience": 5,
               "experiment": "tests", "seed": 1}
 
 
