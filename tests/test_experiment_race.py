@@ -95,3 +95,36 @@ def test_a_new_experiment_keeps_its_artifacts_in_the_project_store_when_run_from
     assert stored.read_text() == "kept"
     assert (project / "mlruns" / "artifacts" / run.info.run_id / "artifacts" / "note.txt").is_file()
     assert not (copy / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_a_training_that_loses_the_race_to_insert_an_alias_still_sets_it(tmp_path, monkeypatch):
+    """Two trainings against one server set `candidate` at once: MLflow's store looks the alias up and
+    then inserts it, so the later insert fails with PostgreSQL's duplicate key (seen in CI on the team
+    server). Forced here on a real store: the other training's alias is written, for real, between
+    this one's lookup and insert; `set_alias` then succeeds and the alias names this training's version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'team.db'}"
+    tracking.use_tracking(uri)
+    client = MlflowClient()
+    client.create_registered_model("race-model")
+    ours, theirs = (client.create_model_version("race-model", (tmp_path / name).as_uri()).version for name in ("a", "b"))
+    original = RegistryStore.set_registered_model_alias
+    lost = []
+
+    def lose_the_first_race(self, name, alias, version):
+        if not lost:
+            lost.append(True)
+            original(self, name, alias, theirs)  # the other training, in between
+            raise MlflowException('(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint '
+                                  '"registered_model_alias_pk"')
+        return original(self, name, alias, version)
+
+    monkeypatch.setattr(RegistryStore, "set_registered_model_alias", lose_the_first_race)
+    tracking.set_alias("race-model", tracking.CANDIDATE, ours)
+    assert lost and client.get_model_version_by_alias("race-model", tracking.CANDIDATE).version == ours
+    with pytest.raises(MlflowException, match="not found|does not exist|RESOURCE_DOES_NOT_EXIST"):
+        tracking.set_alias("race-model", tracking.CANDIDATE, "99")  # any other error is not retried away

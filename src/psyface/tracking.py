@@ -19,12 +19,12 @@ import random
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 import pandas as pd
@@ -255,8 +255,29 @@ def resolve_version(model_uri: str) -> ModelVersion:
         raise PsyfaceError(f"no registered model version at {model_uri!r}: {reason}") from None
 
 
+T = TypeVar("T")
+UNIQUE_VIOLATIONS = ("duplicate key", "UniqueViolation", "UNIQUE constraint")  # PostgreSQL's and SQLite's words
+
+
+def retry_insert_race(call: Callable[[], T], attempts: int = 3) -> T:
+    """`call()`, again when it lost a race to insert a row another process inserted at the same moment.
+
+    MLflow's stores write some rows (a logged dataset, a model alias) by checking that the row is
+    missing and then inserting it, without an upsert, so two trainings against one server can both
+    pass the check and the later insert fails with "duplicate key ... _pk". On the retry MLflow finds
+    the row the other process wrote and reuses or updates it. MLflow has no retry for this."""
+    for _ in range(attempts - 1):
+        try:
+            return call()
+        except MlflowException as error:
+            if not any(key in str(error) for key in UNIQUE_VIOLATIONS):
+                raise
+    return call()
+
+
 def set_alias(name: str, alias: str, version: str) -> None:
-    MlflowClient().set_registered_model_alias(name, alias, version)
+    """Point `alias` at `version`; two trainings setting `candidate` at once both succeed (the later wins)."""
+    retry_insert_race(lambda: MlflowClient().set_registered_model_alias(name, alias, version))
 
 
 def tag_version(name: str, version: str, tags: Mapping[str, str]) -> None:

@@ -223,16 +223,8 @@ def _log_run_inputs(params: TrainParams, all_params: dict[str, Any], table: pd.D
     with warnings.catch_warnings():  # MLflow registers two equivalent local-file source types
         warnings.simplefilter("ignore", UserWarning)
         source = mlflow.data.from_pandas(table, source=str(PREPARED_DIR.resolve()), name=dataset)
-    for attempt in range(3):
-        try:
-            mlflow.log_input(source, context="training")
-            return
-        except mlflow.exceptions.MlflowException as error:
-            # Two trainings logging the same dataset at once race on the tracking server's dataset row
-            # (MLflow inserts it without an upsert: "duplicate key ... dataset_pk" from PostgreSQL); on
-            # a retry the row the other training wrote is found and reused.
-            if attempt == 2 or not any(key in str(error) for key in ("duplicate key", "UniqueViolation", "UNIQUE constraint")):
-                raise
+    # Two trainings logging the same dataset at once race on the server's dataset row ("dataset_pk").
+    tracking.retry_insert_race(lambda: mlflow.log_input(source, context="training"))
 
 
 def _register(final: torch.nn.Module, spec: ModelSpec, registry: RegistryParams, example_image: np.ndarray,
