@@ -60,7 +60,7 @@ def library_loop(model: torch.nn.Module, inputs: torch.Tensor, method: str, opti
     layer's activations and gradients its hooks recorded, through the same class's `get_cam_image`."""
     maps = torch.zeros(len(inputs), N_ATTRIBUTES, *inputs.shape[-2:])
     if method == "lrp":
-        composite = lrp_composite(options.lrp_composite)
+        composite = lrp_composite(options.lrp_composite, model)
         for target in range(N_ATTRIBUTES):
             with torch.no_grad():
                 start = model(inputs) * torch.nn.functional.one_hot(torch.full((len(inputs),), target), N_ATTRIBUTES)
