@@ -60,7 +60,7 @@ def library_loop(model: torch.nn.Module, inputs: torch.Tensor, method: str, opti
     layer's activations and gradients its hooks recorded, through the same class's `get_cam_image`."""
     maps = torch.zeros(len(inputs), N_ATTRIBUTES, *inputs.shape[-2:])
     if method == "lrp":
-        composite = lrp_composite(options.lrp_composite, model)
+        composite = lrp_composite(options.lrp_composite, model, epsilon=options.lrp_epsilon)
         for target in range(N_ATTRIBUTES):
             with torch.no_grad():
                 start = model(inputs) * torch.nn.functional.one_hot(torch.full((len(inputs),), target), N_ATTRIBUTES)
@@ -114,13 +114,16 @@ def main() -> None:
     print(f"{'ms per image, all attributes':<44}{'library loop':>14}{'psyface batched':>17}{'ratio':>8}   maps")
     loop_s, loop_maps = seconds(per_image_loop, model, inputs, options.gradcam_layer, repeats=1)
     batched_s, batched_maps = seconds(batched, "gradcam", inputs)
-    torch.testing.assert_close(batched_maps, loop_maps, rtol=1e-3, atol=1e-5 * float(loop_maps.abs().max()))
+    # float32 rounding through the ten random-weight convolutions behind conv3_3: up to 1.6e-3 of the peak
+    # (4.6e-4 in norm), and nothing at all in float64 (measured 2026-12-02)
+    torch.testing.assert_close(batched_maps, loop_maps, rtol=1e-3, atol=5e-3 * float(loop_maps.abs().max()))
     row("gradcam vs Captum per image", loop_s, batched_s, args.images)
     for method in ("gradcam", "hirescam", "lrp"):
         rows = inputs if method != "lrp" else inputs[: max(args.few, 4)]
         loop_s, loop_maps = seconds(library_loop, model, rows, method, options, repeats=1)
         batched_s, batched_maps = seconds(batched, method, rows, repeats=1)
-        torch.testing.assert_close(batched_maps, loop_maps, rtol=1e-3, atol=1e-4 * float(loop_maps.abs().max()))
+        # the same float32 rounding; LRP's epsilon leaves random-weight maps at ~1e-6 of the output (up to 8e-4 of the peak)
+        torch.testing.assert_close(batched_maps, loop_maps, rtol=1e-3, atol=5e-3 * float(loop_maps.abs().max()))
         row(f"{method} vs {'zennit' if method == 'lrp' else 'pytorch-grad-cam'} per attribute", loop_s, batched_s, len(rows))
     for method in ("gradcam_plusplus", "layercam"):
         took, _ = seconds(batched, method, inputs, repeats=1)
