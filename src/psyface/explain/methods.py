@@ -349,15 +349,10 @@ def lrp_composite(
 
 def lower_convolutions(model: nn.Module, blocks: int) -> list[str]:
     """Module names (as `model.named_modules` gives them) of the convolutions in the first `blocks`
-    blocks of `model.features`, input first; blocks end at each (possibly skipped) max-pool."""
-    names = {id(module): name for name, module in model.named_modules()}
-    found, block = [], 1
-    for module in model.features:
-        if is_block_end(module):
-            block += 1
-        elif isinstance(module, nn.Conv2d) and block <= blocks:
-            found.append(names[id(module)])
-    return found
+    VGG blocks of `model.features` (`vgg_conv_names`' convB_L with B <= `blocks`), input first."""
+    prefix = next(name for name, module in model.named_modules() if module is model.features)
+    return [f"{prefix}.{index}" for name, index in vgg_conv_names(model.features).items()
+            if int(name.removeprefix("conv").split("_")[0]) <= blocks]
 
 
 def lrp_relevance(model: nn.Module, images: torch.Tensor, composite: Composite) -> torch.Tensor:
