@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import psutil
 
 from psyface.errors import PsyfaceError
 
@@ -45,14 +46,15 @@ def remove_dead_leftovers(path: Path) -> None:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine."""
+    """Whether a process with this id runs on this machine. A killed process whose parent has not
+    reaped it yet (a zombie: orphans wait for the container's init, seconds here) counts as gone:
+    it still answers `kill(pid, 0)` but holds no port, lock or file."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 def replace_dir_atomic(path: Path, fill: Callable[[Path], None]) -> Path:

@@ -187,6 +187,8 @@ def run_training(params: TrainParams, registry: RegistryParams, all_params: dict
                     mlflow.set_tag("freeze_blocks", str(params.freeze))
                 spec.input_mean, spec.input_std = from_main((spec.input_mean, spec.input_std) if leader else None, context)
                 freeze_blocks(net, params.freeze)
+                if leader and state.history:
+                    _log_unlogged_epochs(state, names)
                 after = (lambda s, p=checkpoints[task], n=names: _after_epoch(s, p, n)) if leader else (lambda s: None)
                 state = train_epochs(net, train, val, params, state, device, on_epoch=after,
                                      label=f"{task} " if task else "", normalisation=(spec.input_mean, spec.input_std),
@@ -391,13 +393,30 @@ def _run_tags() -> dict[str, str]:
 
 
 def _after_epoch(state: TrainState, path: Path, attributes: list[str]) -> None:
+    """Checkpoint, then log: a kill between the two leaves an epoch the resumed run logs once
+    (`_log_unlogged_epochs`); the other order logged the epoch again after the resume."""
     import mlflow
 
-    record = state.history[-1]
+    save_checkpoint(state, path)
+    mlflow.log_metrics(_epoch_metrics(state.history[-1], attributes), step=state.epoch)
+
+
+def _epoch_metrics(record: dict[str, float], attributes: list[str]) -> dict[str, float]:
+    """A history record as MLflow metrics: `val_r_<column>` named by its attribute."""
     metrics = {key: value for key, value in record.items() if not key.startswith("val_r_") and key != "epoch"}
     metrics.update({f"val_r_{attributes[int(key[6:])]}": value for key, value in record.items() if key.startswith("val_r_")})
-    mlflow.log_metrics(metrics, step=state.epoch)
-    save_checkpoint(state, path)
+    return metrics
+
+
+def _log_unlogged_epochs(state: TrainState, attributes: list[str]) -> None:
+    """Log the checkpointed epochs the active run lacks (killed after the checkpoint, before the log)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    logged = {m.step for m in MlflowClient().get_metric_history(mlflow.active_run().info.run_id, "val_mean_r")}
+    for record in state.history:
+        if int(record["epoch"]) not in logged:
+            mlflow.log_metrics(_epoch_metrics(record, attributes), step=int(record["epoch"]))
 
 
 def _run_exists(run_id: str) -> bool:
