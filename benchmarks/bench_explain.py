@@ -27,6 +27,7 @@ from psyface.config import load_section
 from psyface.explain.methods import MethodOptions, attribute, lrp_composite, vgg_conv_names
 from psyface.explain.stage import ExplainParams
 from psyface.model import build_model, to_input
+from psyface.training import TrainParams
 
 N_ATTRIBUTES = 7  # the default synthetic data set's attributes
 
@@ -62,10 +63,9 @@ def library_loop(model: torch.nn.Module, inputs: torch.Tensor, method: str, opti
     if method == "lrp":
         composite = lrp_composite(options.lrp_composite, model, epsilon=options.lrp_epsilon)
         for target in range(N_ATTRIBUTES):
-            with torch.no_grad():
-                start = model(inputs) * torch.nn.functional.one_hot(torch.full((len(inputs),), target), N_ATTRIBUTES)
-            with Gradient(model=model, composite=composite) as attributor:
-                maps[:, target] = attributor(inputs, start)[1].sum(1)
+            one_hot = torch.nn.functional.one_hot(torch.full((len(inputs),), target), N_ATTRIBUTES)
+            with Gradient(model=model, composite=composite) as attributor:  # relevance starts at the output's value
+                maps[:, target] = attributor(inputs, lambda output, one_hot=one_hot: output * one_hot)[1].sum(1)
         return maps
     cam_class = {"gradcam": GradCAM, "hirescam": HiResCAM}[method]
     ready = copy.deepcopy(model)
@@ -101,12 +101,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="the stage's explain.batch_size")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = build_model("vgg16_bn", "gap", N_ATTRIBUTES).eval()  # the default network (last_conv_stride 16)
+    configured = Path("params.yaml").is_file()
+    stride = load_section("train", TrainParams).last_conv_stride if configured else TrainParams.last_conv_stride
+    model = build_model("vgg16_bn", "gap", N_ATTRIBUTES, stride).eval()  # the default network
     images, source = faces(args.images, args.size)
     inputs = to_input(images).contiguous()
-    options = load_section("explain", ExplainParams).options if Path("params.yaml").is_file() else MethodOptions()
-    print(f"{args.images} {source} at {args.size} px, VGG16-BN, {N_ATTRIBUTES} attributes, {torch.get_num_threads()} threads, "
-          f"CAM layer {options.gradcam_layer}")
+    options = load_section("explain", ExplainParams).options if configured else MethodOptions()
+    print(f"{args.images} {source} at {args.size} px, VGG16-BN (last_conv_stride {stride}), {N_ATTRIBUTES} attributes, "
+          f"{torch.get_num_threads()} threads, CAM layer {options.gradcam_layer}, LRP {options.lrp_composite}")
 
     def batched(method: str, rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([attribute(model, batch, method, options) for batch in rows.split(args.batch_size)])

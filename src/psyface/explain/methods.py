@@ -30,7 +30,6 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
-from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat, NameLayerMapComposite, layer_map_base
 from zennit.core import Composite
@@ -356,14 +355,23 @@ def lower_convolutions(model: nn.Module, blocks: int) -> list[str]:
 
 
 def lrp_relevance(model: nn.Module, images: torch.Tensor, composite: Composite) -> torch.Tensor:
-    """Input relevance (N*A, C, H, W) of every output under `composite`, in one backward pass: each
-    image is repeated once per output and the output relevance is that row's target output (one-hot
-    times the output, as Captum starts: the input relevance then sums to about the prediction)."""
-    expanded, targets = expand_targets(images, n_outputs_of(model))
-    one_hot = nn.functional.one_hot(targets, n_outputs_of(model)).to(images.dtype)
-    with Gradient(model=model, composite=composite) as attributor:
-        _, relevance = attributor(expanded, lambda output: output * one_hot)
-    return relevance
+    """Input relevance (N*A, C, H, W; image-major, as `expand_targets` orders rows) of every output
+    under `composite`: one forward pass of the images through the rule-modified model (zennit's
+    `composite.context`), then one backward pass per output with the graph kept, each starting from
+    that output alone (its value, as Captum starts: the input relevance then sums to about the
+    prediction). Sharing the forward is what zennit's `Gradient`, one call per output, cannot do;
+    repeating each image once per output in a single pass instead was 2.6x slower than small
+    batches (AMD EPYC, 16 images: 112-row activations leave the caches)."""
+    n_outputs = n_outputs_of(model)
+    inputs = images.detach().clone().requires_grad_()
+    relevance = images.new_empty(len(images), n_outputs, *images.shape[1:])
+    with torch.enable_grad(), composite.context(model) as modified:
+        output = modified(inputs)
+        for k in range(n_outputs):
+            start = torch.zeros_like(output)
+            start[:, k] = output[:, k].detach()
+            (relevance[:, k],) = torch.autograd.grad(output, inputs, grad_outputs=start, retain_graph=k < n_outputs - 1)
+    return relevance.flatten(0, 1)
 
 
 def lrp(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
