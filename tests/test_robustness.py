@@ -215,7 +215,7 @@ def test_sigkill_while_an_output_folder_is_written_leaves_the_old_one_whole(tmp_
     output = tmp_path / "prepared"
     output.mkdir()
     (output / "images.npy").write_text("complete old output")
-    code = (f"import os, signal; from pathlib import Path; from psyface.io import process_alive, replace_dir_atomic\n"
+    code = (f"import os, signal; from pathlib import Path; from psyface.io import replace_dir_atomic\n"
             f"def fill(tmp):\n    (tmp / 'images.npy').write_text('half')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
             f"replace_dir_atomic(Path({str(output)!r}), fill)")
     killed = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(SRC)})
