@@ -23,7 +23,7 @@ class PsyfaceError(Exception):
 
 
 def server_refusal(error: BaseException) -> str | None:
-    """One line for a tracking server's refusal or absence (401, 403, unreachable), else None.
+    """One line for a tracking server's refusal, failure or absence (401, 403, 5xx, unreachable), else None.
 
     These reach the user from anywhere MLflow talks to the server, so they are translated here, at the
     one edge every command passes; MLflow is looked up only if something already imported it."""
@@ -42,6 +42,10 @@ def server_refusal(error: BaseException) -> str | None:
         user = os.environ.get("MLFLOW_TRACKING_USERNAME", "?")
         return (f"{server} refused the request{where}: user {user!r} lacks the permission (403); ask the server's "
                 "admin for the role it needs (`psyface server user add NAME --role edit`)")
+    failing = re.search(r"too many (5\d\d) error responses", text)
+    if failing:  # urllib3 gave up retrying: the server is up, but failing (e.g. its database is down)
+        return (f"{server} answers with errors{where}: HTTP {failing.group(1)} on every retry; the fault is on the "
+                "server, see its log (logs/mlflow.log in a `psyface server` folder)")
     if "Max retries exceeded" in text or "Connection refused" in text or "ConnectionError" in text:
         return f"cannot reach {server}{where}: is the server running (`psyface server status DIR`)?"
     return None
