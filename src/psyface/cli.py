@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("psyface.evaluate", "stage: test metrics vs the reliability ceiling; promote to champion if better"),
     "predict": ("psyface.predict", "rate face images with a registered model (models:/NAME@ALIAS)"),
     "explain": ("psyface.explain.cli", "attribution maps (overlays + raw .npy) of a registered model for any images"),
+    "verdicts": ("psyface.explain.across", "which explanation to trust per attribute across runs (seeds): trusted in all, judged by the worst"),
     "report": ("psyface.report.stage", "stage: manifold view, bias audit and the self-contained HTML report"),
     "transfer": ("psyface.transfer.stage", "base models from dataset columns; the transfer learning-curve sweep"),
     "server": ("psyface.server", "the team's MLflow server on PostgreSQL with users: init/start/stop/status/user/import"),

@@ -1,0 +1,162 @@
+"""`psyface verdicts`: which explanation to trust for each attribute across several runs (seeds).
+
+    dvc exp run --queue -S train.seed=1 && dvc exp run --queue -S train.seed=2 && dvc queue start
+    psyface verdicts                     # HEAD's committed run and every experiment of HEAD
+    psyface verdicts exp-a exp-b run3/reports/explain/metrics.json --out verdicts.json
+
+One run's verdict is a pick among noisy estimates: its method is the best of several on one training,
+and on another seed the best is another method (README: Explanations that are measured). Here a
+method is trusted only if it is trusted in every run (passes the run's randomisation and chance
+checks for the attribute), and it is judged by its worst run; an attribute that any run does not
+predict gets no method.
+
+Reads each run's `reports/explain/metrics.json` (the explain stage's): a path to such a file, or a
+Git revision / DVC experiment name whose committed file is read through DVC's API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from psyface.artifacts import EXPLAIN_METRICS_FILE
+from psyface.config import PARAMS_FILE, read_yaml
+from psyface.errors import PsyfaceError, entry_point
+from psyface.io import write_json_atomic
+
+WORKSPACE = "workspace"
+
+
+def method_rma(run: dict[str, Any], method: str, attribute: str) -> float | None:
+    """RMA of `method`'s maps of `attribute` in one run's explain metrics (None: not measured)."""
+    return run.get(method, {}).get("localisation", {}).get(attribute, {}).get("relevance_mass_accuracy")
+
+
+def trusted_methods(run: dict[str, Any], attribute: str) -> set[str]:
+    """Methods one run would trust for `attribute`: measured there and failing none of its checks."""
+    verdict = run["verdict"][attribute]
+    if not verdict["predicted"] or verdict["ground_truth"].startswith("not valid"):
+        return set()
+    measured = {method for method in run if method_rma(run, method, attribute) is not None}
+    return measured - set(verdict["failing"])
+
+
+def verdict_across(runs: dict[str, dict[str, Any]], target: float | None = None) -> dict[str, Any]:
+    """Per attribute: the method trusted in every run with the best worst-run RMA, its RMA in each
+    run, and why the rest were dropped (which run fails them). `runs`: name -> explain metrics."""
+    if len(runs) < 2:
+        raise PsyfaceError(f"a verdict across runs needs two or more runs, got {len(runs)}")
+    attributes = list(next(iter(runs.values()))["verdict"])
+    for name, run in runs.items():
+        if list(run["verdict"]) != attributes:
+            raise PsyfaceError(f"run {name!r} explains {list(run['verdict'])}, the first run {attributes}: "
+                               "compare runs of one dataset")
+    result = {}
+    for attribute in attributes:
+        unpredicted = [name for name, run in runs.items() if not run["verdict"][attribute]["predicted"]]
+        trusted = {name: trusted_methods(run, attribute) for name, run in runs.items()}
+        everywhere = set.intersection(*trusted.values())
+        worst = {method: min(method_rma(run, method, attribute) for run in runs.values()) for method in everywhere}
+        best = max(sorted(worst), key=worst.__getitem__, default=None)
+        dropped = {method: [name for name, methods in trusted.items() if method not in methods]
+                   for method in sorted(set.union(*trusted.values()) - everywhere)}
+        entry: dict[str, Any] = {
+            "trusted_method": best,
+            "worst_rma": worst.get(best) if best else None,
+            "rma_by_run": {name: method_rma(run, best, attribute) for name, run in runs.items()} if best else {},
+            "trusted_by_run": {name: run["verdict"][attribute]["trusted_method"] for name, run in runs.items()},
+            "not_trusted_in": dropped,
+        }
+        if unpredicted:
+            entry["verdict"] = f"not predicted in {unpredicted}: no method is trusted"
+        elif best is None:
+            entry["verdict"] = "no method is trusted in every run"
+        else:
+            entry["verdict"] = f"{best} is trusted in all {len(runs)} runs, RMA {entry['worst_rma']:.2f} in the worst"
+        if target is not None and best is not None:
+            entry["meets_target"] = entry["worst_rma"] >= target
+        result[attribute] = entry
+    return {"runs": list(runs), "target": target, "attributes": result}
+
+
+def read_run(source: str) -> dict[str, Any]:
+    """One run's explain metrics: `source` is a metrics file, `workspace`, or a revision / experiment."""
+    path = Path(source)
+    if source == WORKSPACE:
+        path = EXPLAIN_METRICS_FILE
+    if path.is_file():
+        text = path.read_text()
+    else:
+        import dvc.api
+        from dvc.exceptions import DvcException
+
+        try:
+            text = dvc.api.read(str(EXPLAIN_METRICS_FILE), rev=source)
+        except (DvcException, FileNotFoundError) as error:
+            raise PsyfaceError(f"{source!r} is neither a metrics file nor a revision with {EXPLAIN_METRICS_FILE} "
+                               f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    try:
+        return json.loads(text)["explain"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise PsyfaceError(f"{source}: not the explain stage's metrics (no 'explain' block)") from None
+
+
+def experiments_of_head() -> list[str]:
+    """HEAD (the committed run, the sweep's baseline) and every finished DVC experiment derived from
+    it, sorted by name (`dvc exp show`'s rows); the workspace only when named, as after `dvc exp run` it
+    holds a copy of the last experiment."""
+    import dvc.api
+
+    rows = dvc.api.exp_show()
+    unfinished = ("Queued", "Running", "Failed")
+    return ["HEAD"] + sorted(row["Experiment"] for row in rows
+                             if row["typ"] != "baseline" and row["Experiment"] and row.get("State") not in unfinished)
+
+
+def table(verdicts: dict[str, Any]) -> str:
+    """The verdict per attribute as aligned text: method, worst RMA, each run's RMA."""
+    width = max(map(len, verdicts["attributes"]))
+    lines = [f"runs: {', '.join(verdicts['runs'])}" + (f"; target RMA {verdicts['target']:g}" if verdicts["target"] else "")]
+    for attribute, entry in verdicts["attributes"].items():
+        rmas = " / ".join(f"{value:.2f}" for value in entry["rma_by_run"].values())
+        met = {True: "meets target", False: "misses target"}.get(entry.get("meets_target"), "")
+        lines.append(f"  {attribute.ljust(width)}  {entry['trusted_method'] or 'none':<16} "
+                     f"{rmas:<24} {met}  ({entry['verdict']})")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="psyface verdicts", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="*", metavar="RUN",
+                        help="metrics file, 'workspace', Git revision or DVC experiment (default: HEAD and "
+                             "every experiment of HEAD)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="RMA the worst run must reach (default: params.yaml explain.rma_target)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the verdicts as JSON here")
+    return parser.parse_args(argv)
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    target = args.target
+    if target is None and PARAMS_FILE.is_file():
+        target = read_yaml(PARAMS_FILE).get("explain", {}).get("rma_target")
+    names = args.runs or experiments_of_head()
+    if not args.runs and len(names) < 2:
+        raise PsyfaceError("HEAD has no finished DVC experiments to compare with: run seeds first "
+                           "(`dvc exp run --queue -S train.seed=1 && dvc queue start`) or name the runs")
+    if len(set(names)) != len(names):
+        raise PsyfaceError(f"a run is named twice in {names}")
+    verdicts = verdict_across({name: read_run(name) for name in names}, target)
+    print(table(verdicts))
+    if args.out:
+        write_json_atomic(verdicts, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
