@@ -27,6 +27,7 @@ def run_metrics(rma: dict[str, dict[str, float]], failing: dict[str, dict[str, s
     attributes = sorted({name for scores in rma.values() for name in scores})
     run: dict[str, Any] = {method: {"localisation": {name: {"relevance_mass_accuracy": value} for name, value in scores.items()}}
                            for method, scores in rma.items()}
+    run |= {"aligned": True, "test_images": 300, "test_r": {name: .9 for name in attributes}}  # the block's other keys
     run["verdict"] = {}
     for name in attributes:
         passing = [m for m in rma if name in rma[m] and m not in failing.get(name, {})]
@@ -53,6 +54,18 @@ def test_a_method_failing_in_one_run_is_not_trusted_and_the_best_worst_run_wins(
     assert happy["not_trusted_in"] == {"lrp": ["seed1"]}
     assert happy["meets_target"] is False
     assert "all 2 runs" in happy["verdict"] and "0.60" in happy["verdict"]
+
+
+def test_two_copies_of_the_committed_run_give_its_own_verdict():
+    """On the explain stage's real output: the same run twice trusts what the run trusts, at its RMA."""
+    committed = read_run(str(SRC.parent / "reports" / "explain" / "metrics.json"))
+    across = verdict_across({"a": committed, "b": committed})["attributes"]
+    assert list(across) == list(committed["verdict"])
+    for name, verdict in committed["verdict"].items():
+        assert across[name]["trusted_method"] == verdict["trusted_method"], name
+        if verdict["trusted_method"]:
+            assert across[name]["worst_rma"] == verdict["relevance_mass_accuracy"]
+    assert any(entry["trusted_method"] is None for entry in across.values())  # the control
 
 
 def test_the_target_is_met_only_when_the_worst_run_reaches_it():

@@ -31,8 +31,12 @@ WORKSPACE = "workspace"
 
 
 def method_rma(run: dict[str, Any], method: str, attribute: str) -> float | None:
-    """RMA of `method`'s maps of `attribute` in one run's explain metrics (None: not measured)."""
-    return run.get(method, {}).get("localisation", {}).get(attribute, {}).get("relevance_mass_accuracy")
+    """RMA of `method`'s maps of `attribute` in one run's explain metrics (None: not measured, or
+    `method` is one of the block's other keys such as `test_r`)."""
+    scores = run.get(method)
+    scores = scores.get("localisation") if isinstance(scores, dict) else None
+    scores = scores.get(attribute) if isinstance(scores, dict) else None
+    return scores.get("relevance_mass_accuracy") if isinstance(scores, dict) else None
 
 
 def trusted_methods(run: dict[str, Any], attribute: str) -> set[str]:
@@ -57,6 +61,7 @@ def verdict_across(runs: dict[str, dict[str, Any]], target: float | None = None)
     result = {}
     for attribute in attributes:
         unpredicted = [name for name, run in runs.items() if not run["verdict"][attribute]["predicted"]]
+        invalid = [name for name, run in runs.items() if run["verdict"][attribute]["ground_truth"].startswith("not valid")]
         trusted = {name: trusted_methods(run, attribute) for name, run in runs.items()}
         everywhere = set.intersection(*trusted.values())
         worst = {method: min(method_rma(run, method, attribute) for run in runs.values()) for method in everywhere}
@@ -72,6 +77,8 @@ def verdict_across(runs: dict[str, dict[str, Any]], target: float | None = None)
         }
         if unpredicted:
             entry["verdict"] = f"not predicted in {unpredicted}: no method is trusted"
+        elif invalid:
+            entry["verdict"] = f"ground truth not valid in {invalid}: no method is trusted"
         elif best is None:
             entry["verdict"] = "no method is trusted in every run"
         else:
