@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     names = args.runs or experiments_of_head()
     if not args.runs and len(names) < 2:
         raise PsyfaceError("HEAD has no finished DVC experiments to compare with: run seeds first "
-                           "(`dvc exp run --queue -S train.seed=1 && dvc queue start`) or name the runs")
+                           "(`dvc exp run --queue -S train.seed=1 && dvc queue start`) or name the runs (experiments of an "
+                           "earlier commit: `dvc exp ls --all-commits`)")
     if len(set(names)) != len(names):
         raise PsyfaceError(f"a run is named twice in {names}")
     verdicts = verdict_across({name: read_run(name) for name in names}, target)
