@@ -100,6 +100,13 @@ def test_one_run_or_runs_of_different_attributes_are_refused():
         verdict_across({"a": one, "b": run_metrics({"hirescam": {"happy": .7}})})
 
 
+def test_outside_a_dvc_project_the_default_runs_are_one_clear_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "psyface.cli", "verdicts"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("psyface: error: cannot list the DVC experiments here"), done.stderr
+
+
 def test_a_file_that_is_not_explain_metrics_is_one_clear_error(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"evaluate": {}}))
     with pytest.raises(PsyfaceError, match="not the explain stage's metrics"):

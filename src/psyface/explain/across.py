@@ -116,8 +116,13 @@ def experiments_of_head() -> list[str]:
     it, sorted by name (`dvc exp show`'s rows); the workspace only when named, as after `dvc exp run` it
     holds a copy of the last experiment."""
     import dvc.api
+    from dvc.exceptions import DvcException
 
-    rows = dvc.api.exp_show()
+    try:
+        rows = dvc.api.exp_show()
+    except DvcException as error:
+        raise PsyfaceError(f"cannot list the DVC experiments here ({str(error).splitlines()[0]}): run in a DVC "
+                           "project, or name the runs") from None
     unfinished = ("Queued", "Running", "Failed")
     return ["HEAD"] + sorted(row["Experiment"] for row in rows
                              if row["typ"] != "baseline" and row["Experiment"] and row.get("State") not in unfinished)
