@@ -96,6 +96,8 @@ def test_dvc_repro_runs_end_to_end_without_masks_or_landmarks(tmp_path: Path) ->
     page = (project / "reports/index.html").read_text(encoding="utf-8")
     assert "Not computed: explanation localisation" in page and "the landmark expression branch" in page
     assert "never flagged" in page
+    assert "Which explanation to trust, per attribute" in page and "the verdict of one training" in page
+    assert "psyface verdicts" in page  # where to go for the verdict over seeds
     use_tracking(env["MLFLOW_TRACKING_URI"])
     champion = MlflowClient().get_model_version_by_alias(MODEL, "champion")
     run = json.loads((project / "artifacts/train/run.json").read_text())

@@ -355,7 +355,10 @@ def build_page(
             "explain.sanity_threshold once every layer is randomised), and its relevance mass accuracy's bootstrap "
             "interval over identities lies above chance (the mask's share of the image); a method on a layer grid "
             "must also be able to reach explain.rma_target there. The best such method (highest RMA) is named; "
-            "an invalid ground truth (the ground_truth stage) keeps it reported but untrusted."]
+            "an invalid ground truth (the ground_truth stage) keeps it reported but untrusted.",
+            "This is the verdict of one training: on another seed the best method and its RMA can change. "
+            "`psyface verdicts` compares the verdicts of several runs (e.g. `dvc exp run --queue -S train.seed=1`) "
+            "and trusts only a method that every run trusts, judged by its worst run."]
     content.tables["explanations"] = [*([verdict] if verdict is not None else []),
                                       html.key_value_table("Explanation quality scores", explain_metrics)]
     content.summaries["manifold"] = [
