@@ -70,6 +70,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_dvc(root: Path, *args: str, env: dict[str, str]) -> str:
+    """`dvc ARGS` (the venv's) in `root`; it must succeed. -> its stdout."""
+    result = subprocess.run([str(Path(sys.executable).with_name("dvc")), *args], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"dvc {' '.join(args)}: {result.stderr[-3000:]}"
+    return result.stdout
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty project folder as the current directory (stages use relative paths)."""

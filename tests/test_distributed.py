@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import SRC
+from conftest import SRC, run_dvc
 from mlflow.tracking import MlflowClient
 from workspace import make_workspace
 
@@ -344,13 +344,6 @@ def test_kill_9_of_a_rank_then_rerun_with_torchrun_resumes_the_same_run(tmp_path
 
 # ---------------------------------------------------------------- sweeps: the DVC queue
 
-def dvc(root: Path, *args: str, env: dict[str, str]) -> str:
-    result = subprocess.run([str(Path(sys.executable).with_name("dvc")), *args], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"dvc {' '.join(args)}: {result.stderr[-3000:]}"
-    return result.stdout
-
-
 @pytest.mark.slow
 def test_two_queued_experiments_run_at_once_into_the_project_store_with_their_names(tmp_path, synthetic_data):
     """`dvc exp run --queue` + `dvc queue start -j 2`, each experiment on 2 torchrun workers: each
@@ -366,21 +359,21 @@ def test_two_queued_experiments_run_at_once_into_the_project_store_with_their_na
                 "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
                 "GIT_COMMITTER_EMAIL": "t@example.org"})
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    dvc(root, "init", "-q", env=env)
-    dvc(root, "add", "-q", "data", "artifacts/prepared", env=env)
+    run_dvc(root, "init", "-q", env=env)
+    run_dvc(root, "add", "-q", "data", "artifacts/prepared", env=env)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     subprocess.run(["git", "commit", "-qm", "project"], cwd=root, check=True, env=env)
     for seed in (1, 2):  # two torchrun jobs at once: their rendezvous ports must not collide
-        dvc(root, "exp", "run", "--queue", "-S", f"train.seed={seed}", "-S", "train.distributed.nproc_per_node=2", env=env)
-    dvc(root, "queue", "start", "-j", "2", env=env)
+        run_dvc(root, "exp", "run", "--queue", "-S", f"train.seed={seed}", "-S", "train.distributed.nproc_per_node=2", env=env)
+    run_dvc(root, "queue", "start", "-j", "2", env=env)
     deadline = time.monotonic() + 600
     while True:
-        status = dvc(root, "queue", "status", env=env)
+        status = run_dvc(root, "queue", "status", env=env)
         if not any(word in status for word in ("Queued", "Running")) or time.monotonic() > deadline:
             break
         time.sleep(3)
     assert status.count("Success") == 2, status
-    names = set(dvc(root, "exp", "ls", "--name-only", env=env).split())
+    names = set(run_dvc(root, "exp", "ls", "--name-only", env=env).split())
     client = store(root / "mlruns" / "mlflow.db")
     finished = runs(client)
     assert sorted(r.info.status for r in finished) == ["FINISHED", "FINISHED"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import SRC
+from conftest import SRC, run_cli, run_dvc
 
 from psyface.errors import PsyfaceError
 from psyface.explain.across import read_run, verdict_across
@@ -101,8 +101,7 @@ def test_one_run_or_runs_of_different_attributes_are_refused():
 
 
 def test_outside_a_dvc_project_the_default_runs_are_one_clear_error(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "psyface.cli", "verdicts"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=300)
+    done = run_cli("verdicts", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("psyface: error: cannot list the DVC experiments here"), done.stderr
 
@@ -127,11 +126,6 @@ def git(root: Path, *args: str, env: dict[str, str]) -> str:
     return subprocess.run(["git", *args], cwd=root, env=env, check=True, capture_output=True, text=True).stdout
 
 
-def tool(root: Path, name: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    command = [str(Path(sys.executable).with_name("dvc")), *args] if name == "dvc" else [sys.executable, "-m", "psyface.cli", *args]
-    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_verdicts_of_head_and_its_dvc_experiments(tmp_path):
     """A DVC project whose stage writes explain metrics chosen by `explain.seed`: HEAD's committed run
@@ -152,17 +146,16 @@ def test_verdicts_of_head_and_its_dvc_experiments(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(SRC), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
     git(root, "init", "-q", env=env)
-    for args in (("init", "-q"), ("repro", "-q")):
-        assert tool(root, "dvc", *args, env=env).returncode == 0
+    run_dvc(root, "init", "-q", env=env)
+    run_dvc(root, "repro", "-q", env=env)
     git(root, "add", "-A", env=env)
     git(root, "commit", "-qm", "seed 0", env=env)
-    alone = tool(root, "psyface", "verdicts", env=env)
+    alone = run_cli("verdicts", cwd=root, env=env)
     assert alone.returncode == 2 and "no finished DVC experiments" in alone.stderr.strip().splitlines()[-1], alone.stderr
     for seed in (1, 2):
-        done = tool(root, "dvc", "exp", "run", "-S", f"explain.seed={seed}", "-n", f"seed-{seed}", env=env)
-        assert done.returncode == 0, done.stderr[-2000:]
+        run_dvc(root, "exp", "run", "-S", f"explain.seed={seed}", "-n", f"seed-{seed}", env=env)
 
-    shown = tool(root, "psyface", "verdicts", "--out", "verdicts.json", env=env)
+    shown = run_cli("verdicts", "--out", "verdicts.json", cwd=root, env=env)
     assert shown.returncode == 0, shown.stderr[-2000:]
     verdicts = json.loads((root / "verdicts.json").read_text())
     assert verdicts["runs"] == ["HEAD", "seed-1", "seed-2"] and verdicts["target"] == 0.7
@@ -172,8 +165,8 @@ def test_verdicts_of_head_and_its_dvc_experiments(tmp_path):
     assert age["not_trusted_in"] == {"gradcam_plusplus": ["seed-1"]}
     assert "hirescam" in shown.stdout and "0.78 / 0.72 / 0.75" in shown.stdout
 
-    named = tool(root, "psyface", "verdicts", "seed-2", "reports/explain/metrics.json", env=env)  # the workspace: seed 2's copy
+    named = run_cli("verdicts", "seed-2", "reports/explain/metrics.json", cwd=root, env=env)  # the workspace: seed 2's copy
     assert named.returncode == 0 and "0.75 / 0.75" in named.stdout, named.stderr[-2000:]
-    missing = tool(root, "psyface", "verdicts", "HEAD", "no-such-experiment", env=env)
+    missing = run_cli("verdicts", "HEAD", "no-such-experiment", cwd=root, env=env)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines()[-1].startswith("psyface: error: 'no-such-experiment' is neither"), missing.stderr

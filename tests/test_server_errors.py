@@ -1,6 +1,6 @@
 """What a user reads when the tracking server fails (5xx) or is not there: two different one-liners.
 
-A real HTTP server on loopback answers every request with the status under test, and the real MLflow
+A real HTTP server on loopback answers every request with 500, and the real MLflow
 client talks to it; only its retries are cut to none, so the test does not wait out the backoff."""
 
 from __future__ import annotations
@@ -17,19 +17,18 @@ from psyface.errors import server_refusal
 from psyface.server import free_port
 
 
-def answering(status: int) -> type[http.server.BaseHTTPRequestHandler]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(status)
-            self.end_headers()
-            self.wfile.write(b"Internal Server Error")
+class AlwaysFailing(http.server.BaseHTTPRequestHandler):
+    """Answers every request with 500, as a server whose database is down does."""
 
-        do_POST = do_GET
+    def do_GET(self) -> None:
+        self.send_response(500)
+        self.end_headers()
+        self.wfile.write(b"Internal Server Error")
 
-        def log_message(self, *args: object) -> None:
-            pass
+    do_POST = do_GET
 
-    return Handler
+    def log_message(self, *args: object) -> None:
+        pass
 
 
 @pytest.fixture
@@ -41,7 +40,7 @@ def no_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def failing_server() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), answering(500))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AlwaysFailing)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()

@@ -39,13 +39,10 @@ def method_rma(run: dict[str, Any], method: str, attribute: str) -> float | None
     return scores.get("relevance_mass_accuracy") if isinstance(scores, dict) else None
 
 
-def trusted_methods(run: dict[str, Any], attribute: str) -> set[str]:
-    """Methods one run would trust for `attribute`: measured there and failing none of its checks."""
-    verdict = run["verdict"][attribute]
-    if not verdict["predicted"] or verdict["ground_truth"].startswith("not valid"):
-        return set()
+def passing_methods(run: dict[str, Any], attribute: str) -> set[str]:
+    """Methods whose maps of `attribute` one run measured and that fail none of its checks."""
     measured = {method for method in run if method_rma(run, method, attribute) is not None}
-    return measured - set(verdict["failing"])
+    return measured - set(run["verdict"][attribute]["failing"])
 
 
 def verdict_across(runs: dict[str, dict[str, Any]], target: float | None = None) -> dict[str, Any]:
@@ -62,7 +59,8 @@ def verdict_across(runs: dict[str, dict[str, Any]], target: float | None = None)
     for attribute in attributes:
         unpredicted = [name for name, run in runs.items() if not run["verdict"][attribute]["predicted"]]
         invalid = [name for name, run in runs.items() if run["verdict"][attribute]["ground_truth"].startswith("not valid")]
-        trusted = {name: trusted_methods(run, attribute) for name, run in runs.items()}
+        trusted = {name: set() if name in unpredicted or name in invalid else passing_methods(run, attribute)
+                   for name, run in runs.items()}
         everywhere = set.intersection(*trusted.values())
         worst = {method: min(method_rma(run, method, attribute) for run in runs.values()) for method in everywhere}
         best = max(sorted(worst), key=worst.__getitem__, default=None)
