@@ -12,6 +12,7 @@ from psyface.explain.scores import (
     bootstrap_mean_interval,
     cascade_steps,
     cascading_randomisation,
+    covering_score,
     grid_ceiling,
     mask_share,
     perturbation_curves,
@@ -225,6 +226,25 @@ def test_grid_ceiling_is_chance_on_one_cell_one_on_pixels_and_bounds_every_map_o
         scores = relevance_mass_accuracy(upsampled, masks[row].expand(200, 32, 32))
         assert scores.max() == pytest.approx(ceiling[row], rel=1e-5)  # reached by a single cell, never beaten
     assert 0.7 < ceiling[0] < 1.0 and ceiling[1] < 0.1  # the quarter nearly holds a blurred cell; 16 pixels do not
+
+
+def test_covering_score_is_the_mask_drawn_on_the_grid_and_never_above_the_ceiling():
+    masks = torch.zeros(4, 32, 32, dtype=torch.bool)
+    masks[0] = True  # the whole image: nothing to lose
+    masks[1, :8, :8] = True  # exactly one cell of the 4x4 grid: its covering map is that cell
+    masks[2, 4:20, 6:30] = True  # a rectangle across cells it fills unevenly
+    masks[3, 14:18, 14:18] = True  # 16 pixels across four cells' corners
+    grid = (4, 4)
+    covering, ceiling = covering_score(masks, grid), grid_ceiling(masks, grid)
+    assert covering[0] == pytest.approx(1.0)
+    assert covering[1] == pytest.approx(ceiling[1], rel=1e-5)  # one cell: the best cell itself
+    assert np.all(covering <= ceiling + 1e-6) and covering[2] < ceiling[2]  # cells filled unevenly: the emptier ones score less
+    np.testing.assert_allclose(covering_score(masks, (32, 32)), 1.0, atol=1e-6)  # the pixel grid loses nothing
+    cells = torch.nn.functional.adaptive_avg_pool2d(masks[2:3].float()[:, None], grid)  # by hand: the pooled mask, upsampled
+    by_hand = LayerAttribution.interpolate(cells, (32, 32), interpolate_mode="bilinear")[0, 0]
+    assert covering[2] == pytest.approx(float((by_hand * masks[2]).sum() / by_hand.sum()), rel=1e-5)
+    assert 0.5 < covering[2] < 0.95 and covering[3] < 0.2  # the rectangle loses its rim; 16 pixels most of it
+    assert np.isnan(covering_score(torch.zeros(1, 32, 32, dtype=torch.bool), grid)).all()
 
 
 def test_randomisation_correlation_ranks_magnitudes_unless_asked_for_signs():

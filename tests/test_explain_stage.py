@@ -75,6 +75,9 @@ def test_every_method_is_scored_on_every_attribute_with_regions(explained):
         assert randomisation["passed"] == (randomisation["rank_correlation"] < FAST.sanity_threshold)
     assert "grid_ceiling" in metrics["gradcam"]["localisation"]["happy"]
     assert "grid_ceiling" not in metrics["integrated_gradients"]["localisation"]["happy"]
+    for scores in metrics["gradcam"]["localisation"].values():  # the whole mask on the grid: above chance, under the ceiling
+        assert scores["chance"] < scores["covering_score"] <= scores["grid_ceiling"]
+    assert "covering_score" not in metrics["integrated_gradients"]["localisation"]["happy"]
     assert metrics["gradcam"]["images"] == len(test.ids) and metrics["occlusion"]["images"] == 2
     completeness = metrics["integrated_gradients"]["completeness"]  # IG's maps sum to f(x) - f(baseline)
     assert completeness["steps"] == 4 and 0 <= completeness["median_relative_gap"] <= completeness["max_relative_gap"]

@@ -231,7 +231,7 @@ def test_the_explanation_verdict_is_one_readable_row_per_attribute() -> None:
     from psyface.report.stage import explanation_verdict
 
     localised = {"relevance_mass_accuracy": 0.62, "relevance_mass_accuracy_ci_low": 0.55,
-                 "relevance_mass_accuracy_ci_high": 0.7, "chance": 0.09, "images": 300}
+                 "relevance_mass_accuracy_ci_high": 0.7, "chance": 0.09, "covering_score": 0.84, "images": 300}
     by_method = {"gradcam": {"localisation": {"happy": localised}, "randomisation": {"passed": True, "rank_correlation": 0.0}},
                  "occlusion": {"localisation": {"happy": {**localised, "relevance_mass_accuracy_ci_low": 0.05}},
                                "randomisation": {"passed": False, "rank_correlation": 0.36}}}
@@ -241,6 +241,7 @@ def test_the_explanation_verdict_is_one_readable_row_per_attribute() -> None:
     rows = table.frame.set_index("attribute")
     assert rows.loc["happy", "trusted method"] == "gradcam"
     assert rows.loc["happy", "RMA [CI] (best method)"] == "0.62 [0.55, 0.70] (gradcam)"
+    assert rows.loc["happy", "the mask on its grid"] == "0.84" and rows.loc["control", "the mask on its grid"] == "–"
     assert rows.loc["happy", "why others fail"].startswith("occlusion: fails randomisation (rank correlation 0.36")
     assert "not above chance" in rows.loc["happy", "why others fail"]
     assert rows.loc["control", "trusted method"] == "none" and "its maps explain noise" in rows.loc["control", "verdict"]

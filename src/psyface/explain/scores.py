@@ -83,6 +83,19 @@ def grid_ceiling(masks: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
     return ceiling.numpy()
 
 
+def covering_score(masks: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """The relevance mass accuracy of the mask itself as a map on a coarse `grid`: each cell the
+    share of it that lies in the mask (area pooling), upsampled bilinearly as CAM maps are. Where
+    `grid_ceiling` is the bound reached by pointing at one cell, this is what a map that marks the
+    *whole* region, evenly and as finely as the grid allows, scores: the blur of the grid alone
+    costs it the rest. It is a combination of single cells, so never above `grid_ceiling`.
+    Hand-written: no library scores maps against their own grid. (N, H, W) -> (N,); NaN for empty masks."""
+    truth = masks.float()[:, None]
+    cells = torch.nn.functional.adaptive_avg_pool2d(truth, grid)
+    covering = torch.nn.functional.interpolate(cells, size=tuple(masks.shape[-2:]), mode="bilinear", align_corners=False)
+    return relevance_mass_accuracy(covering[:, 0], masks)
+
+
 def pointing_game(relevance_maps: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
     """1.0 where the most relevant pixel lies in the mask, else 0.0; NaN for empty masks or maps.
     Pixels tied at the peak count by their share in the mask (the expectation over which of them a

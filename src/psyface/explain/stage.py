@@ -50,6 +50,7 @@ from psyface.explain.scores import (
     area_under_curve,
     bootstrap_mean_interval,
     cascading_randomisation,
+    covering_score,
     defined_mean,
     grid_ceiling,
     mask_share,
@@ -193,7 +194,8 @@ def localisation(
 ) -> dict[str, Any]:
     """Relevance mass accuracy, relevance rank accuracy and pointing game per attribute, each with
     its bootstrap interval over identities, beside their common chance level (the mask's share) and,
-    for maps computed on a coarse `grid`, the best relevance mass any map on that grid can reach."""
+    for maps computed on a coarse `grid`, the best relevance mass any map on that grid can reach and
+    what the mask itself scores when drawn on that grid (`scores.covering_score`)."""
     scores = {}
     for name, mask in masks.items():
         column = attributes.index(name)
@@ -207,6 +209,7 @@ def localisation(
         entry["chance"] = defined_mean(mask_share(truth), undefined=None)
         if grid:
             entry["grid_ceiling"] = defined_mean(grid_ceiling(truth, grid), undefined=None)
+            entry["covering_score"] = defined_mean(covering_score(truth, grid), undefined=None)
         entry["images"] = len(truth)
         scores[name] = entry
     return scores
@@ -442,7 +445,8 @@ def attribute_verdict(
         why = f"{best} passes randomisation and localises above chance (ground truth {ground_truth})"
     trusted = best if predicted and not ground_truth.startswith("not valid") else None
     scores = by_method[best]["localisation"][name] if best else {}
-    keys = ("relevance_mass_accuracy", "relevance_mass_accuracy_ci_low", "relevance_mass_accuracy_ci_high", "chance", "images")
+    keys = ("relevance_mass_accuracy", "relevance_mass_accuracy_ci_low", "relevance_mass_accuracy_ci_high", "chance",
+            "covering_score", "images")
     return {"test_r": test_r, "predicted": predicted, "ground_truth": ground_truth, "trusted": trusted is not None,
             "trusted_method": trusted, "best_method": best, **{key: scores.get(key) for key in keys},
             "failing": failing, "verdict": why}

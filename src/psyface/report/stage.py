@@ -293,7 +293,9 @@ def explanation_verdict(explain_metrics: dict) -> html.Table | None:
         return f"{entry['relevance_mass_accuracy']:.2f}{bounds} ({entry['best_method']})"
 
     rows = [{"attribute": name, "test r": entry["test_r"], "trusted method": entry["trusted_method"] or "none",
-             "RMA [CI] (best method)": interval(entry), "chance": entry["chance"], "ground truth": entry["ground_truth"],
+             "RMA [CI] (best method)": interval(entry), "chance": entry["chance"],
+             "the mask on its grid": "–" if entry.get("covering_score") is None else f"{entry['covering_score']:.2f}",
+             "ground truth": entry["ground_truth"],
              "verdict": entry["verdict"],
              "why others fail": "; ".join(f"{method}: {reason}" for method, reason in entry["failing"].items()) or "–",
              "untrusted": not entry["trusted"]}
@@ -355,6 +357,8 @@ def build_page(
             "explain.sanity_threshold once every layer is randomised), and its relevance mass accuracy's bootstrap "
             "interval over identities lies above chance (the mask's share of the image); a method on a layer grid "
             "must also be able to reach explain.rma_target there. The best such method (highest RMA) is named; "
+            "for a layer-grid method, 'the mask on its grid' is what a map that marks the whole region evenly scores "
+            "there, the blur of the grid being all it loses; "
             "an invalid ground truth (the ground_truth stage) keeps it reported but untrusted.",
             "This is the verdict of one training: on another seed the best method and its RMA can change. "
             "`psyface verdicts` compares the verdicts of several runs (e.g. `dvc exp run --queue -S train.seed=1`) "
