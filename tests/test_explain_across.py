@@ -66,6 +66,21 @@ def test_two_copies_of_the_committed_run_give_its_own_verdict():
         if verdict["trusted_method"]:
             assert across[name]["worst_rma"] == verdict["relevance_mass_accuracy"]
     assert any(entry["trusted_method"] is None for entry in across.values())  # the control
+    for name, entry in across.items():  # the CAM methods' grid: the mask on it, as the stage scored it
+        method = entry["trusted_method"]
+        if method:
+            assert entry["covering_score"] == committed[method]["localisation"][name]["covering_score"]
+            assert f"the mask on its grid scores {entry['covering_score']:.2f}" in entry["verdict"]
+
+
+def test_the_mask_on_its_grid_is_the_lowest_any_run_reports_and_absent_for_pixel_methods():
+    runs = {name: run_metrics({"hirescam": {"warm": .5}, "lrp": {"happy": .6}}) for name in ("a", "b", "old")}
+    runs["a"]["hirescam"]["localisation"]["warm"]["covering_score"] = .74
+    runs["b"]["hirescam"]["localisation"]["warm"]["covering_score"] = .72  # "old" predates the score
+    attributes = verdict_across(runs)["attributes"]
+    assert attributes["warm"]["covering_score"] == pytest.approx(.72)
+    assert attributes["warm"]["verdict"].endswith("the mask on its grid scores 0.72")
+    assert attributes["happy"]["covering_score"] is None and "grid" not in attributes["happy"]["verdict"]
 
 
 def test_the_target_is_met_only_when_the_worst_run_reaches_it():

@@ -72,6 +72,7 @@ def verdict_across(runs: dict[str, dict[str, Any]], target: float | None = None)
             "rma_by_run": {name: method_rma(run, best, attribute) for name, run in runs.items()} if best else {},
             "trusted_by_run": {name: run["verdict"][attribute]["trusted_method"] for name, run in runs.items()},
             "not_trusted_in": dropped,
+            "covering_score": lowest_covering_score(runs, best, attribute) if best else None,
         }
         if unpredicted:
             entry["verdict"] = f"not predicted in {unpredicted}: no method is trusted"
@@ -81,10 +82,21 @@ def verdict_across(runs: dict[str, dict[str, Any]], target: float | None = None)
             entry["verdict"] = "no method is trusted in every run"
         else:
             entry["verdict"] = f"{best} is trusted in all {len(runs)} runs, RMA {entry['worst_rma']:.2f} in the worst"
+            if entry["covering_score"] is not None:
+                entry["verdict"] += f"; the mask on its grid scores {entry['covering_score']:.2f}"
         if target is not None and best is not None:
             entry["meets_target"] = entry["worst_rma"] >= target
         result[attribute] = entry
     return {"runs": list(runs), "target": target, "attributes": result}
+
+
+def lowest_covering_score(runs: dict[str, dict[str, Any]], method: str, attribute: str) -> float | None:
+    """What a map marking the whole region scores on `method`'s grid (the stage's `covering_score`), the
+    lowest over the runs that report it: the most a right map of that layer can be expected to reach.
+    None for pixel methods and for metrics written before the stage reported it."""
+    values = [score for run in runs.values()
+              if (score := run[method]["localisation"].get(attribute, {}).get("covering_score")) is not None]
+    return min(values, default=None)
 
 
 def read_run(source: str) -> dict[str, Any]:
