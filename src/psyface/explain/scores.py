@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from captum.attr import LayerAttribution
 from scipy.stats import bootstrap, rankdata
 from torch import nn
 
@@ -68,6 +69,12 @@ def relevance_mass_accuracy(relevance_maps: torch.Tensor, masks: torch.Tensor) -
     return share.numpy()
 
 
+def upsampled_as_cams(cells: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(K, 1, h, w) grid maps -> (K, H, W) at the masks' size, through the call the CAM family's maps take
+    (Captum's bilinear `LayerAttribution.interpolate`, methods.RawCams), so grid scores match the maps."""
+    return LayerAttribution.interpolate(cells, tuple(masks.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+
+
 def grid_ceiling(masks: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
     """The highest relevance mass accuracy any non-negative map on a coarse `grid` can score once
     upsampled bilinearly to the masks' size (as Grad-CAM's maps are). Upsampling is linear with
@@ -76,7 +83,7 @@ def grid_ceiling(masks: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
     it cannot be met on that layer. (N, H, W) -> (N,); NaN for empty masks."""
     cells = grid[0] * grid[1]
     one_hot = torch.eye(cells).reshape(cells, 1, *grid)
-    basis = torch.nn.functional.interpolate(one_hot, size=tuple(masks.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    basis = upsampled_as_cams(one_hot, masks)
     basis = basis / basis.flatten(1).sum(1)[:, None, None]
     ceiling = torch.einsum("chw,nhw->nc", basis, masks.float()).amax(1)
     ceiling[~masks.flatten(1).any(1)] = float("nan")
@@ -90,10 +97,8 @@ def covering_score(masks: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
     *whole* region, evenly and as finely as the grid allows, scores: the blur of the grid alone
     costs it the rest. It is a combination of single cells, so never above `grid_ceiling`.
     Hand-written: no library scores maps against their own grid. (N, H, W) -> (N,); NaN for empty masks."""
-    truth = masks.float()[:, None]
-    cells = torch.nn.functional.adaptive_avg_pool2d(truth, grid)
-    covering = torch.nn.functional.interpolate(cells, size=tuple(masks.shape[-2:]), mode="bilinear", align_corners=False)
-    return relevance_mass_accuracy(covering[:, 0], masks)
+    cells = torch.nn.functional.adaptive_avg_pool2d(masks.float()[:, None], grid)
+    return relevance_mass_accuracy(upsampled_as_cams(cells, masks), masks)
 
 
 def pointing_game(relevance_maps: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
