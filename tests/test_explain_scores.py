@@ -15,14 +15,17 @@ from psyface.explain.scores import (
     covering_score,
     grid_ceiling,
     mask_share,
+    other_identity_donors,
     perturbation_curves,
     pointing_game,
     random_order,
     randomisation_correlation,
     rank_correlation,
+    region_share,
     relevance,
     relevance_mass_accuracy,
     relevance_rank_accuracy,
+    swap_changes,
 )
 from psyface.model import AttributeEnsemble
 from tests.explain_models import (  # noqa: F401 (images: a fixture)
@@ -245,6 +248,39 @@ def test_covering_score_is_the_mask_drawn_on_the_grid_and_never_above_the_ceilin
     assert covering[2] == pytest.approx(float((by_hand * masks[2]).sum() / by_hand.sum()), rel=1e-5)
     assert 0.5 < covering[2] < 0.95 and covering[3] < 0.2  # the rectangle loses its rim; 16 pixels most of it
     assert np.isnan(covering_score(torch.zeros(1, 32, 32, dtype=torch.bool), grid)).all()
+
+
+def test_donors_are_always_another_identity_and_seeded():
+    groups = np.array(["a", "a", "b", "c", "c", "c"])
+    donors = other_identity_donors(groups, seed=3)
+    assert donors.shape == (6,) and np.all(groups[donors] != groups)
+    np.testing.assert_array_equal(donors, other_identity_donors(groups, seed=3))
+    assert other_identity_donors(np.array(["a", "a"]), seed=0) is None  # nobody to swap with
+
+
+def test_swap_changes_are_the_output_moves_of_swapping_the_region_or_the_rest(images):
+    """A model of the mouth alone moves only when the mouth is swapped; a model of the eyes only when
+    the rest (which holds the eyes) is; each change equals the composite image's, computed by hand."""
+    donors = images.flip(0)
+    masks = MOUTH.expand(3, SIZE, SIZE)
+    for region, expected in ((MOUTH, 1.0), (EYES, 0.0)):
+        model = region_model(region)
+        region_changes, rest_changes = swap_changes(model, images, donors, masks, target=0)
+        with torch.no_grad():
+            full = model(images)[:, 0]
+            by_hand_region = (full - model(torch.where(masks[:, None], donors, images))[:, 0]).abs()
+            by_hand_rest = (full - model(torch.where(masks[:, None], images, donors))[:, 0]).abs()
+        np.testing.assert_allclose(region_changes, by_hand_region.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(rest_changes, by_hand_rest.numpy(), rtol=1e-5, atol=1e-7)
+        assert region_share(region_changes, rest_changes) == pytest.approx(expected, abs=1e-4)  # float32 sums
+    both = region_model(MOUTH | EYES)  # reads both: a share strictly between
+    assert 0.05 < region_share(*swap_changes(both, images, donors, masks, target=0)) < 0.95
+
+
+def test_region_share_is_undefined_without_faces_on_which_both_changes_are():
+    assert np.isnan(region_share(np.array([np.nan, 1.0]), np.array([2.0, np.nan])))
+    assert np.isnan(region_share(np.zeros(2), np.zeros(2)))  # a model that reads neither
+    assert region_share(np.array([3.0, np.nan]), np.array([1.0, 5.0])) == pytest.approx(0.75)  # the defined face only
 
 
 def test_randomisation_correlation_ranks_magnitudes_unless_asked_for_signs():

@@ -85,6 +85,18 @@ def test_every_method_is_scored_on_every_attribute_with_regions(explained):
     json.dumps(metrics, allow_nan=False)  # valid JSON for DVC: undefined numbers are null, not NaN
 
 
+def test_how_local_the_model_itself_is_is_measured_by_swapping_parts_between_faces(explained):
+    test, metrics, _, _ = explained
+    shares = metrics["region_swap"]
+    assert set(shares) == set(test.region_masks)
+    for name, entry in shares.items():
+        assert entry["images"] == min(FAST.region_swap_images, len(test.ids))
+        assert 0 < entry["region_change"] and 0 < entry["rest_change"]  # a random network reads everything
+        assert entry["region_share"] == pytest.approx(entry["region_change"] / (entry["region_change"] + entry["rest_change"]))
+        assert metrics["verdict"][name]["model_region_share"] == entry["region_share"]
+    assert metrics["verdict"]["control"]["model_region_share"] is None  # no region to swap
+
+
 def test_an_untrained_model_predicts_nothing_so_no_map_is_trusted(explained):
     """Random weights: test r is noise for every attribute, and `control` has no regions at all."""
     test, metrics, _, _ = explained

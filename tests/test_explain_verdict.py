@@ -98,6 +98,15 @@ def test_the_best_method_that_passes_every_check_is_trusted_and_each_other_names
     assert failing["saliency"] == "not available (not for transformers)"
 
 
+def test_the_model_region_share_is_carried_into_the_verdict_of_a_predicted_attribute():
+    verdict = attribute_verdict("happy", METHODS, 0.9, True, "valid", ExplainParams(), model_region_share=0.71)
+    assert verdict["model_region_share"] == 0.71 and verdict["trusted_method"] == "occlusion"
+    assert verdict["verdict"].endswith("; the model's own region share (parts swapped between faces) is 0.71")
+    noise = attribute_verdict("happy", METHODS, 0.1, True, "valid", ExplainParams(), model_region_share=0.71)
+    assert "region share" not in noise["verdict"]  # an unpredicted attribute's share is noise too
+    assert attribute_verdict("happy", METHODS, 0.9, True, "valid", ExplainParams())["model_region_share"] is None
+
+
 def test_an_invalid_ground_truth_reports_the_localisation_without_trusting_it(tmp_path: Path):
     path = tmp_path / "ground_truth.json"
     path.write_text('{"attributes": {"happy": {"valid": false, "outside_r": 0.41, "inside_r": 0.2}, "age": {"valid": true}}}')

@@ -43,7 +43,7 @@ ZERO_ALLOWED = {
     "landmarks.max_problem_fraction", "expressions.seed", "expressions.tolerance",
     "expressions.training.weight_decay", "explain.max_images.integrated_gradients", "explain.max_images.lrp",
     "ground_truth.max_outside_r", "ground_truth.min_inside_r", "ground_truth.seed", "explain.max_images.occlusion", "explain.max_images.hirescam", "explain.max_images.gradcam_plusplus",
-    "explain.max_images.layercam", "explain.max_images.smoothgrad", "explain.raw_maps_images", "explain.sanity_threshold",
+    "explain.max_images.layercam", "explain.max_images.smoothgrad", "explain.raw_maps_images", "explain.region_swap_images", "explain.sanity_threshold",
     "explain.rma_target", "explain.min_test_r", "explain.seed", "report.seed", "report.manifold.umap_min_dist",
     "report.fairness.min_abs_gap_sd",
 }

@@ -235,13 +235,14 @@ def test_the_explanation_verdict_is_one_readable_row_per_attribute() -> None:
     by_method = {"gradcam": {"localisation": {"happy": localised}, "randomisation": {"passed": True, "rank_correlation": 0.0}},
                  "occlusion": {"localisation": {"happy": {**localised, "relevance_mass_accuracy_ci_low": 0.05}},
                                "randomisation": {"passed": False, "rank_correlation": 0.36}}}
-    verdict = {"happy": attribute_verdict("happy", by_method, 0.95, True, "not checked", ExplainParams()),
+    verdict = {"happy": attribute_verdict("happy", by_method, 0.95, True, "not checked", ExplainParams(), 0.71),
                "control": attribute_verdict("control", by_method, -0.04, False, "not checked", ExplainParams())}
     table = explanation_verdict({"explain": {"verdict": verdict}})
     rows = table.frame.set_index("attribute")
     assert rows.loc["happy", "trusted method"] == "gradcam"
     assert rows.loc["happy", "RMA [CI] (best method)"] == "0.62 [0.55, 0.70] (gradcam)"
     assert rows.loc["happy", "the mask on its grid"] == "0.84" and rows.loc["control", "the mask on its grid"] == "–"
+    assert rows.loc["happy", "the model's region share"] == "0.71" and rows.loc["control", "the model's region share"] == "–"
     assert rows.loc["happy", "why others fail"].startswith("occlusion: fails randomisation (rank correlation 0.36")
     assert "not above chance" in rows.loc["happy", "why others fail"]
     assert rows.loc["control", "trusted method"] == "none" and "its maps explain noise" in rows.loc["control", "verdict"]

@@ -54,13 +54,16 @@ from psyface.explain.scores import (
     defined_mean,
     grid_ceiling,
     mask_share,
+    other_identity_donors,
     perturbation_curves,
     pointing_game,
     random_order,
     randomisation_correlation,
+    region_share,
     relevance,
     relevance_mass_accuracy,
     relevance_rank_accuracy,
+    swap_changes,
 )
 from psyface.io import replace_dir_atomic, write_atomic, write_json_atomic
 from psyface.metrics import pearson_columns
@@ -98,6 +101,7 @@ class ExplainParams:
     options: MethodOptions = field(default_factory=lambda: MethodOptions(gradcam_layer="conv3_3"))  # a 16x16 grid at 64 px
     batch_size: PositiveInt = 16
     max_images: dict[str, NonNegativeInt] = field(default_factory=lambda: dict(DEFAULT_BUDGETS))
+    region_swap_images: NonNegativeInt = 100  # test faces whose region and rest are swapped with a donor's (0: all)
     n_top: PositiveInt = 4
     raw_maps_images: NonNegativeInt = 16
     perturbation_images: PositiveInt = 4  # deletion and insertion curves
@@ -213,6 +217,29 @@ def localisation(
         entry["images"] = len(truth)
         scores[name] = entry
     return scores
+
+
+def model_region_shares(net: AttributeNet, inputs: torch.Tensor, test: FacesToExplain, attributes: list[str],
+                        params: ExplainParams) -> dict[str, Any] | str:
+    """How local the model itself is, per attribute with regions: on the first `region_swap_images`
+    test faces, the mean output change when the region comes from a face of another identity, when
+    the rest does, and the region's share of the two (`scores.region_share`). It is what a faithful
+    map's relevance mass accuracy can be expected near, so a verdict's miss reads as the map's or the
+    model's."""
+    n_images = min(params.region_swap_images or len(inputs), len(inputs))
+    donors = other_identity_donors(test.groups[:n_images], params.seed)
+    if donors is None:
+        return "not available: the test faces are of one identity, so there is no other face to swap parts with"
+    batches = torch.arange(n_images).split(params.batch_size)
+    shares = {}
+    for name, mask in test.region_masks.items():
+        truth = torch.from_numpy(mask[:n_images])
+        changes = [swap_changes(net, inputs[rows], inputs[donors[rows]], truth[rows], attributes.index(name)) for rows in batches]
+        region, rest = (np.concatenate(parts) for parts in zip(*changes))
+        shares[name] = {"region_share": finite_or_none(region_share(region, rest)),
+                        "region_change": defined_mean(region, undefined=None), "rest_change": defined_mean(rest, undefined=None),
+                        "images": n_images}
+    return shares
 
 
 def mean_maps(rel: torch.Tensor) -> np.ndarray:
@@ -364,9 +391,13 @@ def explain_test_set(
     figures.save_randomisation_curves(figures_dir / "randomisation.png",
                                       {method: metrics[method]["randomisation"]["cascade"] for method in sanity_maps},
                                       params.sanity_threshold)
+    if test.region_masks:
+        metrics["region_swap"] = model_region_shares(net, inputs, test, attributes, params)
+    shares = metrics.get("region_swap") if isinstance(metrics.get("region_swap"), dict) else {}
     by_method = {method: metrics[method] for method in params.methods}
     metrics["verdict"] = {name: attribute_verdict(name, by_method, test_r[name], name in test.region_masks,
-                                                  ground_truth_status(ground_truth, name), params)
+                                                  ground_truth_status(ground_truth, name), params,
+                                                  (shares.get(name) or {}).get("region_share"))
                           for name in attributes}
     return metrics, raw
 
@@ -417,7 +448,7 @@ def method_failures(result: dict[str, Any], name: str, params: ExplainParams) ->
 
 def attribute_verdict(
     name: str, by_method: dict[str, dict[str, Any]], test_r: float | None, has_regions: bool, ground_truth: str,
-    params: ExplainParams,
+    params: ExplainParams, model_region_share: float | None = None,
 ) -> dict[str, Any]:
     """Which method a researcher can trust for attribute `name`, and why the others fail.
 
@@ -425,7 +456,8 @@ def attribute_verdict(
     interval lies above chance (and, on a layer grid, the grid can reach `rma_target`); the best
     candidate (highest RMA) is trusted unless the model does not predict the attribute (test r below
     `min_test_r`: its maps explain noise), it has no region masks (localisation not checked) or its
-    ground truth is not valid (the ground_truth stage's check).
+    ground truth is not valid (the ground_truth stage's check). `model_region_share` (the
+    `region_swap` block: how local the model itself is) is carried along and named in the verdict.
     """
     failing = {method: "; ".join(reasons) for method, result in by_method.items()
                if (reasons := method_failures(result, name, params))}
@@ -443,13 +475,15 @@ def attribute_verdict(
         why = f"{best} localises best, but the ground truth is {ground_truth}: reported, not trusted"
     else:
         why = f"{best} passes randomisation and localises above chance (ground truth {ground_truth})"
+    if model_region_share is not None and predicted and has_regions:
+        why += f"; the model's own region share (parts swapped between faces) is {model_region_share:.2f}"
     trusted = best if predicted and not ground_truth.startswith("not valid") else None
     scores = by_method[best]["localisation"][name] if best else {}
     keys = ("relevance_mass_accuracy", "relevance_mass_accuracy_ci_low", "relevance_mass_accuracy_ci_high", "chance",
             "covering_score", "images")
     return {"test_r": test_r, "predicted": predicted, "ground_truth": ground_truth, "trusted": trusted is not None,
             "trusted_method": trusted, "best_method": best, **{key: scores.get(key) for key in keys},
-            "failing": failing, "verdict": why}
+            "model_region_share": model_region_share, "failing": failing, "verdict": why}
 
 
 def read_ground_truth(path: Path = EXPLAIN_GROUND_TRUTH_FILE) -> dict[str, Any] | None:

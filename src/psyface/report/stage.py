@@ -295,6 +295,7 @@ def explanation_verdict(explain_metrics: dict) -> html.Table | None:
     rows = [{"attribute": name, "test r": entry["test_r"], "trusted method": entry["trusted_method"] or "none",
              "RMA [CI] (best method)": interval(entry), "chance": entry["chance"],
              "the mask on its grid": "–" if entry.get("covering_score") is None else f"{entry['covering_score']:.2f}",
+             "the model's region share": "–" if entry.get("model_region_share") is None else f"{entry['model_region_share']:.2f}",
              "ground truth": entry["ground_truth"],
              "verdict": entry["verdict"],
              "why others fail": "; ".join(f"{method}: {reason}" for method, reason in entry["failing"].items()) or "–",
