@@ -71,6 +71,7 @@ def test_two_copies_of_the_committed_run_give_its_own_verdict():
         if method:
             assert entry["covering_score"] == committed[method]["localisation"][name]["covering_score"]
             assert f"the mask on its grid scores {entry['covering_score']:.2f}" in entry["verdict"]
+            assert entry["model_region_share"] == committed["verdict"][name]["model_region_share"]
 
 
 def test_the_mask_on_its_grid_is_the_lowest_any_run_reports_and_absent_for_pixel_methods():
@@ -81,6 +82,18 @@ def test_the_mask_on_its_grid_is_the_lowest_any_run_reports_and_absent_for_pixel
     assert attributes["warm"]["covering_score"] == pytest.approx(.72)
     assert attributes["warm"]["verdict"].endswith("the mask on its grid scores 0.72")
     assert attributes["happy"]["covering_score"] is None and "grid" not in attributes["happy"]["verdict"]
+
+
+def test_the_model_region_share_is_the_lowest_any_run_reports():
+    runs = {name: run_metrics({"hirescam": {"warm": .5}}) for name in ("a", "b", "old")}
+    runs["a"]["verdict"]["warm"]["model_region_share"] = .73
+    runs["b"]["verdict"]["warm"]["model_region_share"] = .65  # "old" predates the measure
+    warm = verdict_across(runs)["attributes"]["warm"]
+    assert warm["model_region_share"] == pytest.approx(.65)
+    assert warm["verdict"].endswith("the model's own region share is 0.65 in the lowest run")
+    for run in runs.values():
+        run["verdict"]["warm"].pop("model_region_share", None)
+    assert verdict_across(runs)["attributes"]["warm"]["model_region_share"] is None
 
 
 def test_the_target_is_met_only_when_the_worst_run_reaches_it():

@@ -73,6 +73,7 @@ def verdict_across(runs: dict[str, dict[str, Any]], target: float | None = None)
             "trusted_by_run": {name: run["verdict"][attribute]["trusted_method"] for name, run in runs.items()},
             "not_trusted_in": dropped,
             "covering_score": lowest_covering_score(runs, best, attribute) if best else None,
+            "model_region_share": lowest_region_share(runs, attribute),
         }
         if unpredicted:
             entry["verdict"] = f"not predicted in {unpredicted}: no method is trusted"
@@ -84,6 +85,8 @@ def verdict_across(runs: dict[str, dict[str, Any]], target: float | None = None)
             entry["verdict"] = f"{best} is trusted in all {len(runs)} runs, RMA {entry['worst_rma']:.2f} in the worst"
             if entry["covering_score"] is not None:
                 entry["verdict"] += f"; the mask on its grid scores {entry['covering_score']:.2f}"
+            if entry["model_region_share"] is not None:
+                entry["verdict"] += f"; the model's own region share is {entry['model_region_share']:.2f} in the lowest run"
         if target is not None and best is not None:
             entry["meets_target"] = entry["worst_rma"] >= target
         result[attribute] = entry
@@ -96,6 +99,14 @@ def lowest_covering_score(runs: dict[str, dict[str, Any]], method: str, attribut
     None for pixel methods and for metrics written before the stage reported it."""
     values = [score for run in runs.values()
               if (score := run[method]["localisation"].get(attribute, {}).get("covering_score")) is not None]
+    return min(values, default=None)
+
+
+def lowest_region_share(runs: dict[str, dict[str, Any]], attribute: str) -> float | None:
+    """How local the model itself is (the stage's `region_swap`, carried in its verdict), the lowest over
+    the runs that report it: beside the worst run's RMA, it says whether the map or the model spreads.
+    None for metrics written before the stage measured it."""
+    values = [share for run in runs.values() if (share := run["verdict"][attribute].get("model_region_share")) is not None]
     return min(values, default=None)
 
 
