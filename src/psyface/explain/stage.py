@@ -391,9 +391,10 @@ def explain_test_set(
     figures.save_randomisation_curves(figures_dir / "randomisation.png",
                                       {method: metrics[method]["randomisation"]["cascade"] for method in sanity_maps},
                                       params.sanity_threshold)
+    shares: dict[str, Any] = {}
     if test.region_masks:
         metrics["region_swap"] = model_region_shares(net, inputs, test, attributes, params)
-    shares = metrics.get("region_swap") if isinstance(metrics.get("region_swap"), dict) else {}
+        shares = metrics["region_swap"] if isinstance(metrics["region_swap"], dict) else {}
     by_method = {method: metrics[method] for method in params.methods}
     metrics["verdict"] = {name: attribute_verdict(name, by_method, test_r[name], name in test.region_masks,
                                                   ground_truth_status(ground_truth, name), params,
