@@ -24,7 +24,7 @@ from zennit.attribution import Gradient
 
 from psyface.artifacts import PREPARED_DIR, load_prepared
 from psyface.config import load_section
-from psyface.explain.methods import MethodOptions, attribute, lrp_composite, vgg_conv_names
+from psyface.explain.methods import MethodOptions, attribute, cam_layer, lrp_composite, vgg_conv_names
 from psyface.explain.stage import ExplainParams
 from psyface.model import build_model, to_input
 from psyface.training import TrainParams
@@ -72,7 +72,7 @@ def library_loop(model: torch.nn.Module, inputs: torch.Tensor, method: str, opti
     for module in ready.modules():
         if hasattr(module, "inplace"):
             module.inplace = False
-    layer = ready.features[vgg_conv_names(model.features)[options.gradcam_layer]]
+    layer = ready.features[vgg_conv_names(model.features)[cam_layer(options, method)]]
     with cam_class(ready, [layer]) as cam:
         for target in range(N_ATTRIBUTES):
             cam(inputs, [ClassifierOutputTarget(target)] * len(inputs))  # the library's scaled maps
@@ -108,7 +108,7 @@ def main() -> None:
     inputs = to_input(images).contiguous()
     options = load_section("explain", ExplainParams).options if configured else MethodOptions()
     print(f"{args.images} {source} at {args.size} px, VGG16-BN (last_conv_stride {stride}), {N_ATTRIBUTES} attributes, "
-          f"{torch.get_num_threads()} threads, CAM layer {options.gradcam_layer}, LRP {options.lrp_composite}")
+          f"{torch.get_num_threads()} threads, CAM layer {options.gradcam_layer} (own: {options.cam_layers or 'none'}), LRP {options.lrp_composite}")
 
     def batched(method: str, rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([attribute(model, batch, method, options) for batch in rows.split(args.batch_size)])

@@ -92,6 +92,15 @@ def test_gradcam_on_a_named_earlier_convolution_is_captums_on_that_layer_at_its_
     assert not torch.allclose(maps, attribute(model, images, "gradcam"))
 
 
+def test_cam_layers_move_one_cam_method_to_its_own_layer_and_leave_the_others(images):
+    model = tiny_vgg(n_outputs=3)
+    own = MethodOptions(cam_layers={"hirescam": "conv2_1"})
+    torch.testing.assert_close(attribute(model, images, "hirescam", own),
+                               attribute(model, images, "hirescam", MethodOptions(gradcam_layer="conv2_1")))
+    assert not torch.allclose(attribute(model, images, "hirescam", own), attribute(model, images, "hirescam"))
+    torch.testing.assert_close(attribute(model, images, "gradcam", own), attribute(model, images, "gradcam"))
+
+
 def test_an_unknown_gradcam_layer_is_a_user_error_naming_the_layers(images):
     with pytest.raises(PsyfaceError, match=r"unknown gradcam_layer 'conv9_9'.*'conv1_1', 'conv2_1', 'conv3_1'"):
         attribute(tiny_vgg(), images, "gradcam", MethodOptions(gradcam_layer="conv9_9"))

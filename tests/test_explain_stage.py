@@ -24,7 +24,7 @@ from tests.explain_models import tiny_vgg
 
 FAST = ExplainParams(
     methods=list(METHODS),  # every method, the ones off by default included
-    options=MethodOptions(ig_steps=4, occlusion_window=16, occlusion_stride=16),
+    options=MethodOptions(ig_steps=4, occlusion_window=16, occlusion_stride=16, cam_layers={"hirescam": "conv2_1"}),
     max_images={"integrated_gradients": 2, "occlusion": 2, "smoothgrad": 2},
     raw_maps_images=3,
     perturbation_images=2,
@@ -78,6 +78,9 @@ def test_every_method_is_scored_on_every_attribute_with_regions(explained):
     for scores in metrics["gradcam"]["localisation"].values():  # the whole mask on the grid: above chance, under the ceiling
         assert scores["chance"] < scores["covering_score"] <= scores["grid_ceiling"]
     assert "covering_score" not in metrics["integrated_gradients"]["localisation"]["happy"]
+    # each CAM method is scored on its own layer's grid: HiResCAM at conv2_1 (16x16 at 32 px), the rest at the last
+    assert (metrics["hirescam"]["layer"], metrics["hirescam"]["grid"]) == ("conv2_1", [16, 16])
+    assert (metrics["gradcam"]["layer"], metrics["gradcam"]["grid"]) == ("last", [8, 8])
     assert metrics["gradcam"]["images"] == len(test.ids) and metrics["occlusion"]["images"] == 2
     completeness = metrics["integrated_gradients"]["completeness"]  # IG's maps sum to f(x) - f(baseline)
     assert completeness["steps"] == 4 and 0 <= completeness["median_relative_gap"] <= completeness["max_relative_gap"]
@@ -143,3 +146,6 @@ def test_the_repository_params_parse_and_unknown_budgets_are_refused(tmp_path):
     assert params.methods == ["gradcam", "hirescam", "gradcam_plusplus", "layercam", "lrp"]
     with pytest.raises(PsyfaceError, match="unknown methods \\['saliency'\\]"):
         check_params(dataclasses.replace(params, max_images={"saliency": 3}))
+    assert params.options.cam_layers == {"hirescam": "conv2_1"} and params.options.gradcam_layer == "conv3_3"
+    with pytest.raises(PsyfaceError, match="cam_layers names \\['lrp'\\], which are not CAM methods"):
+        check_params(dataclasses.replace(params, options=dataclasses.replace(params.options, cam_layers={"lrp": "conv2_1"})))

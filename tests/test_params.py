@@ -3,6 +3,7 @@ and exit 2 before a stage does any work."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
@@ -109,6 +110,34 @@ def test_code_defaults_equal_params_yaml(section):
     cls = dataclass_of(section)
     assert dataclasses.asdict(cls()) == dataclasses.asdict(from_dict(cls, PARAMS[section], section))
     assert [f.name for f in dataclasses.fields(cls) if f.name not in PARAMS[section]] == []
+
+
+def nested_keys(data: dict[str, Any], cls: type, path: tuple[str, ...] = ()) -> typing.Iterator[tuple[str, ...]]:
+    """Paths of the keys inside nested sections (a dataclass field written as a mapping)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for name, value in data.items():
+        hint = typing.get_args(hints[name])[0] if typing.get_origin(hints[name]) is Annotated else hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            for key in value:
+                yield (*path, name, key)
+            yield from nested_keys(value, hint, (*path, name))
+
+
+def test_deleting_a_nested_key_keeps_the_recipe_too():
+    """A nested section starts from its parent's default: without `explain.options.gradcam_layer` the layer
+    stays the stage's conv3_3, not MethodOptions' own default."""
+    checked = []
+    for section in SECTIONS:
+        cls = dataclass_of(section)
+        for path in nested_keys(PARAMS[section], cls):
+            data = copy.deepcopy(PARAMS[section])
+            parent = data
+            for key in path[:-1]:
+                parent = parent[key]
+            del parent[path[-1]]
+            assert dataclasses.asdict(from_dict(cls, data, section)) == dataclasses.asdict(cls()), (section, path)
+            checked.append(".".join((section, *path)))
+    assert {"explain.options.gradcam_layer", "explain.options.cam_layers", "train.augmentation.translate"} <= set(checked)
 
 
 def test_zero_allowed_lists_only_real_numbers_that_accept_zero():

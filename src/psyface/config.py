@@ -73,8 +73,12 @@ def load_section(section: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
     return from_dict(cls, params.get(section) or {}, where=f"{path}:{section}")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
-    """Recursively build a dataclass from a mapping; unknown keys and bad types raise PsyfaceError."""
+def from_dict(cls: type[T], data: dict[str, Any], where: str, base: T | None = None) -> T:
+    """Recursively build a dataclass from a mapping; unknown keys and bad types raise PsyfaceError.
+
+    Keys the mapping leaves out keep `base`'s values (default: the class's defaults). A nested section
+    starts from its parent field's default, not from its own class's, so that leaving out a nested key
+    (`explain.options.gradcam_layer`) keeps the stage's default, as leaving out a top-level key does."""
     if not isinstance(data, dict):
         raise PsyfaceError(f"{where} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -82,8 +86,24 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise PsyfaceError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(fields)}")
-    values = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
-    return cls(**values)
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            default = getattr(base, name) if base is not None else field_default(fields[name])
+            values[name] = from_dict(hint, value, f"{where}.{name}", default)  # type: ignore[arg-type]
+        else:
+            values[name] = _coerce(hint, value, f"{where}.{name}")
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)  # type: ignore[type-var]
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    """A dataclass field's default value (None when it has none)."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
@@ -66,6 +66,8 @@ class MethodOptions:
     occlusion_stride: PositiveInt = 4
     occlusion_batch: PositiveInt = 64  # occluded images per forward pass
     gradcam_layer: str = "last"  # last: the last convolution; convB_L: VGG block B, layer L (a finer grid)
+    # a layer per CAM method where it differs from gradcam_layer, e.g. {hirescam: conv2_1}
+    cam_layers: dict[str, str] = field(default_factory=dict)
     # gamma_low_epsilon_high (default): Montavon et al.'s rules by depth, 3.8x chance on `happy` of the default
     # data where zennit's all-gamma EpsilonGammaBox stays at chance (README: Explanations that are measured);
     # epsilon_gamma_box and epsilon_plus_flat: zennit's own VGG composites.
@@ -200,10 +202,15 @@ def cam_ready(tail: nn.Module, layers: list[nn.Module]) -> tuple[nn.Module, list
     return ready.eval(), ready_layers
 
 
+def cam_layer(options: MethodOptions, method: str) -> str:
+    """The layer a CAM method attributes at: its own in `options.cam_layers`, else `gradcam_layer`."""
+    return options.cam_layers.get(method, options.gradcam_layer)
+
+
 def cam_family(model: nn.Module, images: torch.Tensor, options: MethodOptions, method: str) -> torch.Tensor:
-    """A pytorch-grad-cam method at `options.gradcam_layer` (LayerCAM: it and every later convolution,
-    so coarse late layers add what the finer chosen one misses), one regression target per row."""
-    trunk, tail, layer = split_at_conv(model, options.gradcam_layer)
+    """A pytorch-grad-cam method at its `cam_layer` (LayerCAM: it and every later convolution, so
+    coarse late layers add what the finer chosen one misses), one regression target per row."""
+    trunk, tail, layer = split_at_conv(model, cam_layer(options, method))
     layers = [layer]
     if method == "layercam" and isinstance(tail, nn.Sequential):
         layers += [module for module in tail.modules() if isinstance(module, nn.Conv2d)]
