@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from psyface import tracking
-from psyface.explain.methods import attribute
+from psyface.explain.methods import MethodOptions, attribute
 from psyface.images import load_image
 from psyface.model import ModelSpec, build_model, to_input
 from tests.conftest import run_cli
@@ -71,3 +71,26 @@ def test_cli_refuses_an_unknown_attribute_in_one_line(registry, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "psyface: error: unknown attribute(s) ['honest']; models:/faces@champion predicts ['happy', 'trustworthy']"
     )
+
+
+def test_cli_takes_the_cam_layers_of_the_projects_params_or_of_layer(registry, tmp_path):
+    """In a project the maps are the explain stage's (its params.yaml layers); `--layer` overrides them."""
+    root, uri = registry
+    face = tmp_path / "face.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(face)
+    (tmp_path / "params.yaml").write_text("explain:\n  options: {gradcam_layer: conv3_1, cam_layers: {hirescam: conv2_1}}\n")
+    net, _ = tracking.load_model("models:/faces@champion", uri)
+    inputs = to_input(load_image(face, 32)[None])
+
+    def cli_map(*extra: str) -> np.ndarray:
+        out = tmp_path / f"maps{len(extra)}"
+        result = run_cli("explain", "--model", "models:/faces@champion", "--method", "hirescam", "--attribute", "happy",
+                         *extra, str(face), "--out", str(out), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+        assert result.returncode == 0, result.stderr
+        return np.load(out / "face_hirescam_happy.npy")
+
+    project = attribute(net, inputs, "hirescam", MethodOptions(gradcam_layer="conv3_1", cam_layers={"hirescam": "conv2_1"}))
+    np.testing.assert_allclose(cli_map(), project[0, 0].numpy(), rtol=1e-4, atol=1e-7)
+    chosen = attribute(net, inputs, "hirescam", MethodOptions(gradcam_layer="conv3_1"))
+    np.testing.assert_allclose(cli_map("--layer", "conv3_1"), chosen[0, 0].numpy(), rtol=1e-4, atol=1e-7)
+    assert not np.allclose(project[0, 0].numpy(), chosen[0, 0].numpy())

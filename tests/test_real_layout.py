@@ -31,7 +31,8 @@ TINY = {
     "train": {**TINY_TRAIN, "epochs": 1},
     "registry": {"name": MODEL},
     "explain": {"methods": ["gradcam", "integrated_gradients"], "max_images": {"integrated_gradients": 2},
-                "options": {"ig_steps": 4}, "n_top": 2, "raw_maps_images": 2, "perturbation_images": 2,
+                "options": {"ig_steps": 4, "gradcam_layer": "last"},  # TINY_TRAIN's network is no VGG
+                "n_top": 2, "raw_maps_images": 2, "perturbation_images": 2,
                 "perturbation_steps": 4, "sanity_images": 2},
     "report": {"manifold": {"methods": ["tsne"], "tsne_perplexity": 5, "knn_k": 3, "cv_folds": 2,
                             "score_splits": ["train", "val", "test"]},

@@ -3,7 +3,10 @@
     psyface explain --model models:/psyface-vgg16@champion --method gradcam --attribute trustworthy \
         face1.jpg face2.png --out explanations/
 
-Needs nothing but the model store: the image size and attribute names come with the model. Writes,
+Needs nothing but the model store: the image size and attribute names come with the model. The CAM
+methods' layers are `--layer`'s, else those the `explain` section of a `params.yaml` in the working
+directory sets (in a psyface project: the stage's, so the maps are the ones its verdict scored), else
+the last convolution. Writes,
 per image and attribute, an overlay `{stem}_{method}_{attribute}.png` and the raw float32 map
 `{stem}_{method}_{attribute}.npy` (signed, H x W at the model's input size).
 """
@@ -14,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from psyface.config import PARAMS_FILE, from_dict, read_yaml
 from psyface.errors import PsyfaceError, entry_point
 from psyface.explain.methods import METHODS, MethodOptions, attribute
 from psyface.explain.scores import relevance
@@ -29,9 +33,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--attribute", action="append", dest="attributes", metavar="NAME", help="repeatable; default: every attribute"
     )
+    parser.add_argument("--layer", default=None, help="the CAM methods' layer (a VGG name such as conv3_3, or last); "
+                        "default: params.yaml's explain.options in this folder, else last")
     parser.add_argument("--out", type=Path, required=True, help="folder for the overlays and raw maps")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     return parser.parse_args(argv)
+
+
+def cam_options(layer: str | None, params: Path = PARAMS_FILE) -> MethodOptions:
+    """`--layer` for every CAM method; else the options the project's params.yaml gives the explain stage
+    (gradcam_layer and each method's own cam_layers); else MethodOptions' defaults (the last convolution)."""
+    if layer is not None:
+        return MethodOptions(gradcam_layer=layer)
+    section = (read_yaml(params).get("explain") or {}) if params.exists() else {}
+    return from_dict(MethodOptions, section.get("options") or {}, where=f"{params}:explain.options")
 
 
 @entry_point
@@ -50,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     images, loaded, problems = load_images(args.files, spec.image_size)
     if not loaded:
         raise PsyfaceError(problems_message(problems, len(args.files)))
-    maps = attribute(net, to_input(images, "cpu", spec.input_mean, spec.input_std).contiguous(), args.method, MethodOptions())
+    options = cam_options(args.layer)
+    maps = attribute(net, to_input(images, "cpu", spec.input_mean, spec.input_std).contiguous(), args.method, options)
     magnitudes = relevance(maps).numpy()
     args.out.mkdir(parents=True, exist_ok=True)
     for row, (path, image) in enumerate(zip(loaded, images, strict=True)):
