@@ -114,7 +114,7 @@ def main() -> None:
         return torch.cat([attribute(model, batch, method, options) for batch in rows.split(args.batch_size)])
 
     print(f"{'ms per image, all attributes':<44}{'library loop':>14}{'psyface batched':>17}{'ratio':>8}   maps")
-    loop_s, loop_maps = seconds(per_image_loop, model, inputs, options.gradcam_layer, repeats=1)
+    loop_s, loop_maps = seconds(per_image_loop, model, inputs, cam_layer(options, "gradcam"), repeats=1)
     batched_s, batched_maps = seconds(batched, "gradcam", inputs)
     # float32 rounding through the ten random-weight convolutions behind conv3_3: up to 1.6e-3 of the peak
     # (4.6e-4 in norm), and nothing at all in float64 (measured 2026-12-02)
