@@ -3,7 +3,8 @@
 Same network (the default VGG16-BN, GAP head, one output per attribute, fixed random weights: the
 cost does not depend on training), same faces, same maps (asserted). Grad-CAM against the peer's
 per-image, per-attribute Captum loop; Grad-CAM, HiResCAM and LRP against pytorch-grad-cam's and
-zennit's one call per attribute; the other methods' cost per image with params.yaml's options.
+zennit's one call per attribute; the CAM family's four methods one pass each vs the stage's one shared
+pass; the other methods' cost per image with params.yaml's options.
 
     PYTHONPATH=src python benchmarks/bench_explain.py [--images 16] [--few 2] [--size 64]
 """
@@ -24,7 +25,7 @@ from zennit.attribution import Gradient
 
 from psyface.artifacts import PREPARED_DIR, load_prepared
 from psyface.config import load_section
-from psyface.explain.methods import MethodOptions, attribute, cam_layer, lrp_composite, vgg_conv_names
+from psyface.explain.methods import CAMS, MethodOptions, attribute, attribute_many, cam_layer, lrp_composite, vgg_conv_names
 from psyface.explain.stage import ExplainParams
 from psyface.model import build_model, to_input
 from psyface.training import TrainParams
@@ -127,9 +128,19 @@ def main() -> None:
         # the same float32 rounding; LRP's epsilon leaves random-weight maps at ~1e-6 of the output (up to 8e-4 of the peak)
         torch.testing.assert_close(batched_maps, loop_maps, rtol=1e-3, atol=5e-3 * float(loop_maps.abs().max()))
         row(f"{method} vs {'zennit' if method == 'lrp' else 'pytorch-grad-cam'} per attribute", loop_s, batched_s, len(rows))
-    for method in ("gradcam_plusplus", "layercam"):
-        took, _ = seconds(batched, method, inputs, repeats=1)
-        print(f"{method:<44}{'':>14}{1000 * took / len(inputs):>17.0f}")
+    separate_s, separate = 0.0, {}
+    for method in CAMS:
+        took, separate[method] = seconds(batched, method, inputs, repeats=1)
+        separate_s += took
+        if method in ("gradcam_plusplus", "layercam"):
+            print(f"{method:<44}{'':>14}{1000 * took / len(inputs):>17.0f}")
+    shared_s, shared = seconds(lambda rows: [attribute_many(model, batch, list(CAMS), options) for batch in rows.split(args.batch_size)],
+                               inputs, repeats=1)
+    for method in CAMS:  # each method's maths on the same activations and gradients: float32 rounding only
+        maps = torch.cat([part[method] for part in shared])
+        torch.testing.assert_close(maps, separate[method], rtol=1e-3, atol=5e-3 * float(separate[method].abs().max()))
+    print(f"{'the CAM family: one pass each vs one shared':<44}{1000 * separate_s / len(inputs):>14.0f}"
+          f"{1000 * shared_s / len(inputs):>17.0f}{separate_s / shared_s:>7.1f}x   equal")
     few = inputs[: args.few]
     for method, detail in (
         ("integrated_gradients", f"{options.ig_steps} steps, {options.ig_baseline} baseline"),

@@ -8,7 +8,9 @@ from psyface.errors import PsyfaceError
 from psyface.explain.methods import (
     METHODS,
     MethodOptions,
+    CAMS,
     attribute,
+    attribute_many,
     gradcam_grid,
     vgg_conv_names,
 )
@@ -99,6 +101,29 @@ def test_cam_layers_move_one_cam_method_to_its_own_layer_and_leave_the_others(im
                                attribute(model, images, "hirescam", MethodOptions(gradcam_layer="conv2_1")))
     assert not torch.allclose(attribute(model, images, "hirescam", own), attribute(model, images, "hirescam"))
     torch.testing.assert_close(attribute(model, images, "gradcam", own), attribute(model, images, "gradcam"))
+
+
+@pytest.mark.parametrize("layers", [{}, {"hirescam": "conv2_1"}, {"gradcam": "conv2_1", "layercam": "conv1_1"}])
+def test_the_cam_family_from_one_shared_pass_equals_each_method_alone(layers, images):
+    """One forward and backward pass at the finest of the layers feeds every CAM method's maths."""
+    model, options = tiny_vgg(n_outputs=3), MethodOptions(cam_layers=layers)
+    shared = attribute_many(model, images, list(CAMS), options)
+    assert list(shared) == list(CAMS)
+    for method in CAMS:
+        torch.testing.assert_close(shared[method], attribute(model, images, method, options), rtol=1e-4, atol=1e-7)
+    mixed = attribute_many(model, images, ["lrp", "hirescam"], options)  # other methods keep their own path
+    assert list(mixed) == ["lrp", "hirescam"]
+    torch.testing.assert_close(mixed["lrp"], attribute(model, images, "lrp", options))
+
+
+def test_the_shared_pass_on_a_backbone_that_cannot_be_split_is_each_method_at_the_last_convolution(images):
+    model = tiny_vgg(n_outputs=3)
+    wrapped = AttributeNet(Backbone(model.features), model.pre_logits, model.last_layer).eval()
+    shared = attribute_many(wrapped, images, list(CAMS))
+    for method in CAMS:
+        torch.testing.assert_close(shared[method], attribute(model, images, method), rtol=1e-4, atol=1e-7)
+    with pytest.raises(PsyfaceError, match="needs a VGG architecture"):
+        attribute_many(wrapped, images, list(CAMS), MethodOptions(cam_layers={"hirescam": "conv2_1"}))
 
 
 def test_an_unknown_gradcam_layer_is_a_user_error_naming_the_layers(images):

@@ -13,6 +13,7 @@ from psyface.errors import PsyfaceError
 from psyface.explain.methods import METHODS, MethodOptions
 from psyface.explain.stage import (
     ExplainParams,
+    attribution_passes,
     check_params,
     explain_test_set,
     faces_to_explain,
@@ -82,6 +83,9 @@ def test_every_method_is_scored_on_every_attribute_with_regions(explained):
     assert (metrics["hirescam"]["layer"], metrics["hirescam"]["grid"]) == ("conv2_1", [16, 16])
     assert (metrics["gradcam"]["layer"], metrics["gradcam"]["grid"]) == ("last", [8, 8])
     assert metrics["gradcam"]["images"] == len(test.ids) and metrics["occlusion"]["images"] == 2
+    cams = ["gradcam", "hirescam", "gradcam_plusplus", "layercam"]  # one pass, timed together
+    assert all(metrics[method]["shared_pass"] == cams for method in cams) and "shared_pass" not in metrics["lrp"]
+    assert len({metrics[method]["seconds_per_image"] for method in cams}) == 1
     completeness = metrics["integrated_gradients"]["completeness"]  # IG's maps sum to f(x) - f(baseline)
     assert completeness["steps"] == 4 and 0 <= completeness["median_relative_gap"] <= completeness["max_relative_gap"]
     assert completeness["passed"] == (completeness["median_relative_gap"] <= FAST.ig_max_relative_gap)
@@ -140,6 +144,12 @@ def test_metrics_flatten_to_mlflow_names(explained):
     assert all(isinstance(value, float) for value in flat.values())
 
 
+def test_the_cam_methods_with_equal_budgets_share_a_pass_and_the_others_have_their_own():
+    passes = attribution_passes({"gradcam": 300, "lrp": 32, "hirescam": 300, "layercam": 32, "gradcam_plusplus": 300,
+                                 "occlusion": 32})
+    assert passes == [(300, ["gradcam", "hirescam", "gradcam_plusplus"]), (32, ["lrp"]), (32, ["layercam"]), (32, ["occlusion"])]
+
+
 def test_the_repository_params_parse_and_unknown_budgets_are_refused(tmp_path):
     params = load_section("explain", ExplainParams)
     check_params(params)
@@ -149,3 +159,5 @@ def test_the_repository_params_parse_and_unknown_budgets_are_refused(tmp_path):
     assert params.options.cam_layers == {"hirescam": "conv2_1"} and params.options.gradcam_layer == "conv3_3"
     with pytest.raises(PsyfaceError, match="cam_layers names \\['lrp'\\], which are not CAM methods"):
         check_params(dataclasses.replace(params, options=dataclasses.replace(params.options, cam_layers={"lrp": "conv2_1"})))
+    with pytest.raises(PsyfaceError, match="names \\['lrp'\\] more than once"):
+        check_params(dataclasses.replace(params, methods=["lrp", "gradcam", "lrp"]))

@@ -13,9 +13,9 @@ batching over attributes, the trunk/tail split and CAM post-processing that keep
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, TypeVar, get_args
 
 import numpy as np
 import torch
@@ -79,20 +79,34 @@ class MethodOptions:
     smoothgrad_samples_batch: PositiveInt = 4  # noisy copies of each row per forward pass
 
 
+LayersT = TypeVar("LayersT")
 AttributionFn = Callable[[nn.Module, torch.Tensor, MethodOptions], torch.Tensor]
 
 
 def attribute(model: nn.Module, images: torch.Tensor, method: Method, options: MethodOptions = MethodOptions()) -> torch.Tensor:
-    """Maps (N, A, H, W) of every output of `model` for normalised `images` (N, 3, H, W).
+    """Maps (N, A, H, W) of every output of `model` for normalised `images` (N, 3, H, W)."""
+    return attribute_many(model, images, [method], options)[method]
+
+
+def attribute_many(
+    model: nn.Module, images: torch.Tensor, methods: Sequence[Method], options: MethodOptions = MethodOptions()
+) -> dict[Method, torch.Tensor]:
+    """Each method's maps (N, A, H, W) of every output of `model` for normalised `images`; the CAM
+    family's methods among them share one forward and backward pass (`cam_family`).
 
     A per-attribute ensemble (the peer's protocol) is explained member by member: attribute k's map
     comes from the network that predicts it (its own last convolution for Grad-CAM)."""
-    if method not in ATTRIBUTIONS:
-        raise PsyfaceError(f"unknown attribution method {method!r}; known: {list(METHODS)}")
+    unknown = [method for method in methods if method not in ATTRIBUTIONS]
+    if unknown:
+        raise PsyfaceError(f"unknown attribution method {unknown[0]!r}; known: {list(METHODS)}")
     model.eval()
     if isinstance(model, AttributeEnsemble):
-        return torch.cat([attribute(member, images, method, options) for member in model.members], dim=1)
-    return ATTRIBUTIONS[method](model, images, options).detach().float()
+        members = [attribute_many(member, images, methods, options) for member in model.members]
+        return {method: torch.cat([maps[method] for maps in members], dim=1) for method in methods}
+    cams = [method for method in methods if method in CAMS]
+    maps = cam_family(model, images, options, cams) if cams else {}
+    maps |= {method: ATTRIBUTIONS[method](model, images, options) for method in methods if method not in CAMS}
+    return {method: maps[method].detach().float() for method in methods}
 
 
 def expand_targets(rows: torch.Tensor, n_targets: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +133,16 @@ def vgg_conv_names(features: nn.Sequential) -> dict[str, int]:
     return names
 
 
+def conv_index(features: nn.Sequential, layer_name: str) -> int:
+    """Index in a VGG `features` stack of the convolution `layer_name` ('convB_L', or 'last')."""
+    names = vgg_conv_names(features)
+    if layer_name == "last":
+        return max(names.values())
+    if layer_name not in names:
+        raise PsyfaceError(f"unknown gradcam_layer {layer_name!r}; this network has 'last' and {list(names)}")
+    return names[layer_name]
+
+
 def split_at_conv(model: nn.Module, layer_name: str = "last") -> tuple[nn.Module, nn.Module, nn.Module]:
     """(trunk, tail, layer): `tail(trunk(x)) == model(x)`, `layer` is where Grad-CAM attributes.
 
@@ -133,13 +157,7 @@ def split_at_conv(model: nn.Module, layer_name: str = "last") -> tuple[nn.Module
         if layer_name != "last":
             raise PsyfaceError(f"gradcam_layer {layer_name!r} needs a VGG architecture; use 'last'")
         return nn.Identity(), model, model.last_conv  # type: ignore[return-value]
-    names = vgg_conv_names(features)
-    if layer_name == "last":
-        index = max(names.values())
-    elif layer_name in names:
-        index = names[layer_name]
-    else:
-        raise PsyfaceError(f"unknown gradcam_layer {layer_name!r}; this network has 'last' and {list(names)}")
+    index = conv_index(features, layer_name)
     layer = nn.Identity()
     tail = nn.Sequential(layer, *features[index + 1 :], model.pre_logits, model.last_layer)
     return features[: index + 1], tail.eval(), layer
@@ -170,12 +188,17 @@ class RawCams:
     image_size: tuple[int, int]
 
     def compute_cam_per_layer(self: Any, input_tensor: torch.Tensor, targets: list, eigen_smooth: bool) -> list[torch.Tensor]:
-        activations = [a.numpy() for a in self.activations_and_grads.activations]
-        gradients = [g.numpy() for g in self.activations_and_grads.gradients]
+        recorded = self.activations_and_grads
+        return self.layer_cams(input_tensor, targets, [a.numpy() for a in recorded.activations],
+                               [g.numpy() for g in recorded.gradients])
+
+    def layer_cams(self: Any, input_tensor: torch.Tensor, targets: list, activations: list[np.ndarray],
+                   gradients: list[np.ndarray]) -> list[torch.Tensor]:
+        """Each of `target_layers`' cams from its recorded activations and gradients, at image size."""
         first_cells = activations[0].shape[-2] * activations[0].shape[-1]
         cams = []
         for layer, activation, gradient in zip(self.target_layers, activations, gradients, strict=True):
-            cam = np.maximum(self.get_cam_image(input_tensor, layer, targets, activation, gradient, eigen_smooth), 0)
+            cam = np.maximum(self.get_cam_image(input_tensor, layer, targets, activation, gradient, False), 0)
             cam = torch.from_numpy(cam)[:, None] * (cam.shape[-2] * cam.shape[-1] / first_cells)
             cams.append(LayerAttribution.interpolate(cam, self.image_size, interpolate_mode="bilinear"))
         return cams
@@ -190,8 +213,8 @@ CAMS: dict[str, type[BaseCAM]] = {
 }
 
 
-def cam_ready(tail: nn.Module, layers: list[nn.Module]) -> tuple[nn.Module, list[nn.Module]]:
-    """A copy of `tail` (and of its `layers`) pytorch-grad-cam can hook: it keeps references to the
+def cam_ready(tail: nn.Module, layers: LayersT) -> tuple[nn.Module, LayersT]:
+    """A copy of `tail` (and of the modules in `layers`, any container of them) pytorch-grad-cam can hook: it keeps references to the
     activations it records, which a later in-place ReLU would overwrite; and no parameter gradients
     (only the layers' are needed)."""
     ready, ready_layers = copy.deepcopy((tail, layers))
@@ -207,41 +230,80 @@ def cam_layer(options: MethodOptions, method: str) -> str:
     return options.cam_layers.get(method, options.gradcam_layer)
 
 
-def cam_family(model: nn.Module, images: torch.Tensor, options: MethodOptions, method: str) -> torch.Tensor:
-    """A pytorch-grad-cam method at its `cam_layer` (LayerCAM: it and every later convolution, so
-    coarse late layers add what the finer chosen one misses), one regression target per row."""
-    trunk, tail, layer = split_at_conv(model, cam_layer(options, method))
-    layers = [layer]
-    if method == "layercam" and isinstance(tail, nn.Sequential):
-        layers += [module for module in tail.modules() if isinstance(module, nn.Conv2d)]
-    ready, ready_layers = cam_ready(tail, layers)
+class SharedCamPass(BaseCAM):
+    """pytorch-grad-cam's forward and backward pass (`BaseCAM.forward`: the targets' outputs summed
+    and backpropagated) without a method's maths: it returns every hooked layer's (activations,
+    gradients), so several CAM methods are computed from one pass. The library runs one pass per method."""
+
+    def compute_cam_per_layer(self, input_tensor: torch.Tensor, targets: list, eigen_smooth: bool) -> list:  # noqa: ARG002
+        recorded = self.activations_and_grads
+        return [(a.numpy(), g.numpy()) for a, g in zip(recorded.activations, recorded.gradients, strict=True)]
+
+    def aggregate_multi_layers(self, cam_per_target_layer: list) -> list:  # type: ignore[override]
+        return cam_per_target_layer
+
+
+def cam_family(model: nn.Module, images: torch.Tensor, options: MethodOptions, methods: Sequence[str]) -> dict[str, torch.Tensor]:
+    """pytorch-grad-cam methods, each at its `cam_layer` (LayerCAM: it and every later convolution, so
+    coarse late layers add what the finer chosen one misses), one regression target per row.
+
+    The network is split at the finest of the methods' layers, every layer any of them reads is
+    hooked, and one forward and backward pass per row feeds every method's maths: Grad-CAM,
+    Grad-CAM++ and LayerCAM at `conv3_3` then cost what HiResCAM at `conv2_1` alone does. A layer's
+    activations and gradients do not depend on where the split is, so the maps are each method's own."""
+    names = {method: cam_layer(options, method) for method in methods}
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential):
+        trunk, tail, first = split_at_conv(model, next((name for name in names.values() if name != "last"), "last"))
+        method_layers = {method: [first] for method in methods}
+        hooked = [first]
+    else:
+        indices = {method: conv_index(features, name) for method, name in names.items()}
+        split = min(indices.values())
+        trunk, tail, first = split_at_conv(model, next(name for method, name in names.items() if indices[method] == split))
+        convs = [first, *(module for module in tail.modules() if isinstance(module, nn.Conv2d))]
+        method_layers = {}
+        for method, index in indices.items():
+            position = convs.index(first if index == split else features[index])
+            method_layers[method] = convs[position:] if method == "layercam" else [convs[position]]
+        hooked = [layer for layer in convs if any(layer in layers for layers in method_layers.values())]
+    ready, (ready_hooked, ready_method_layers) = cam_ready(tail, (hooked, method_layers))
     with torch.no_grad():
         activations = trunk(images)
     expanded, targets = expand_targets(activations, n_outputs_of(model))
-    with CAMS[method](ready, ready_layers) as cam:
-        cam.image_size = tuple(images.shape[-2:])
-        maps = cam(expanded.requires_grad_(), [ClassifierOutputTarget(int(t)) for t in targets])
-    return maps.reshape(images.shape[0], -1, *images.shape[-2:])
+    expanded.requires_grad_()
+    targets = [ClassifierOutputTarget(int(t)) for t in targets]
+    with SharedCamPass(ready, ready_hooked) as shared:
+        recorded = dict(zip(ready_hooked, shared(expanded, targets), strict=True))
+    maps = {}
+    for method in methods:
+        layers = ready_method_layers[method]
+        with CAMS[method](ready, layers) as cam:
+            cam.image_size = tuple(images.shape[-2:])
+            per_layer = cam.layer_cams(expanded, targets, [recorded[layer][0] for layer in layers],
+                                       [recorded[layer][1] for layer in layers])
+            maps[method] = cam.aggregate_multi_layers(per_layer).reshape(images.shape[0], -1, *images.shape[-2:])
+    return maps
 
 
 def gradcam(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
     """Grad-CAM: ReLU of the channels of `options.gradcam_layer` weighted by their mean gradient."""
-    return cam_family(model, images, options, "gradcam")
+    return cam_family(model, images, options, ["gradcam"])["gradcam"]
 
 
 def hirescam(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
     """HiResCAM: gradient times activation per position, summed over channels (faithful to the layer)."""
-    return cam_family(model, images, options, "hirescam")
+    return cam_family(model, images, options, ["hirescam"])["hirescam"]
 
 
 def gradcam_plusplus(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
     """Grad-CAM++: channel weights from positive higher-order gradient terms."""
-    return cam_family(model, images, options, "gradcam_plusplus")
+    return cam_family(model, images, options, ["gradcam_plusplus"])["gradcam_plusplus"]
 
 
 def layercam(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
     """LayerCAM: positive gradient times activation per position, over the chosen and later layers."""
-    return cam_family(model, images, options, "layercam")
+    return cam_family(model, images, options, ["layercam"])["layercam"]
 
 
 def pixel_bounds(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from psyface.explain.methods import (
     METHODS,
     Method,
     MethodOptions,
-    attribute,
+    attribute_many,
     cam_layer,
     gradcam_grid,
     integrated_gradients_with_delta,
@@ -167,11 +168,31 @@ def faces_to_explain(dataset: DatasetSpec, prepared: Prepared, attributes: list[
 
 
 def compute_maps(
-    net: AttributeNet, images: torch.Tensor, method: Method, options: MethodOptions, batch_size: int, progress: bool = False
-) -> torch.Tensor:
-    """Maps (N, A, H, W) in batches of `batch_size` images (each batch: all attributes at once)."""
-    batches = images.split(batch_size)
-    return torch.cat([attribute(net, batch, method, options) for batch in tqdm(batches, desc=f"explain: {method}", disable=not progress)])
+    net: AttributeNet, images: torch.Tensor, methods: Sequence[Method], options: MethodOptions, batch_size: int,
+    progress: bool = False,
+) -> dict[Method, torch.Tensor]:
+    """Each method's maps (N, A, H, W) in batches of `batch_size` images (each batch: all attributes at
+    once, the CAM family's methods from one shared pass: `methods.attribute_many`)."""
+    batches = tqdm(images.split(batch_size), desc=f"explain: {'+'.join(methods)}", disable=not progress)
+    parts = [attribute_many(net, batch, methods, options) for batch in batches]
+    return {method: torch.cat([part[method] for part in parts]) for method in methods}
+
+
+def attribution_passes(budgets: dict[Method, int]) -> list[tuple[int, list[Method]]]:
+    """(faces, methods) of each attribution pass for per-method `budgets` of test faces: the CAM
+    family's methods with equal budgets share one pass (they read the same activations and
+    gradients), every other method has its own."""
+    passes: list[tuple[int, list[Method]]] = []
+    shared: dict[int, list[Method]] = {}
+    for method, n_images in budgets.items():
+        if method not in CAMS:
+            passes.append((n_images, [method]))
+        elif n_images in shared:
+            shared[n_images].append(method)
+        else:
+            shared[n_images] = [method]
+            passes.append((n_images, shared[n_images]))
+    return passes
 
 
 def integrated_gradients_checked(
@@ -309,11 +330,14 @@ def sanity(
     """
     cascade: dict[Method, dict[str, float]] = {method: {} for method in trained_maps}
     signed: dict[Method, float] = {}
+    passes = attribution_passes({method: len(maps) for method, maps in trained_maps.items()})
     for step, randomised in cascading_randomisation(net, params.seed):
-        for method, maps in trained_maps.items():
-            random_maps = compute_maps(randomised, inputs[: len(maps)], method, params.options, params.batch_size)
-            cascade[method][step] = float(randomisation_correlation(maps, random_maps).mean())
-            signed[method] = float(randomisation_correlation(maps, random_maps, signed=True).mean())
+        for n_images, methods in passes:
+            random_maps = compute_maps(randomised, inputs[:n_images], methods, params.options, params.batch_size)
+            for method in methods:
+                maps = trained_maps[method]
+                cascade[method][step] = float(randomisation_correlation(maps, random_maps[method]).mean())
+                signed[method] = float(randomisation_correlation(maps, random_maps[method], signed=True).mean())
     results = {}
     for method, curve in cascade.items():
         final = list(curve.values())[-1]
@@ -357,22 +381,35 @@ def explain_test_set(
     mean_by_method: dict[str, np.ndarray] = {}
     curves_by_method: dict[str, dict[str, np.ndarray]] = {}
     sanity_maps: dict[Method, torch.Tensor] = {}
-    for method in params.methods:
-        n_images = min(params.max_images.get(method, 0) or len(test.ids), len(test.ids))
+    budgets = {method: min(params.max_images.get(method, 0) or len(test.ids), len(test.ids)) for method in params.methods}
+    computed: dict[Method, tuple[torch.Tensor, dict[str, Any]]] = {}
+    for n_images, methods in attribution_passes(budgets):
         started = time.perf_counter()
         completeness = {}
         try:
-            if method == "integrated_gradients":
+            if methods == ["integrated_gradients"]:
                 maps, completeness["completeness"] = integrated_gradients_checked(net, inputs[:n_images], params, progress)
+                pass_maps = {"integrated_gradients": maps}
             else:
-                maps = compute_maps(net, inputs[:n_images], method, params.options, params.batch_size, progress)
+                pass_maps = compute_maps(net, inputs[:n_images], methods, params.options, params.batch_size, progress)
         except PsyfaceError as error:  # e.g. Grad-CAM on a transformer, LRP on layers without rules
-            print(f"explain: {method} not available for {spec.arch}: {error}")
-            metrics[method] = {"available": False, "reason": str(error)}
+            for method in methods:
+                print(f"explain: {method} not available for {spec.arch}: {error}")
+                computed[method] = (torch.empty(0), {"available": False, "reason": str(error)})
             continue
-        seconds = time.perf_counter() - started
+        timing: dict[str, Any] = {"images": n_images, "seconds_per_image": (time.perf_counter() - started) / n_images}
+        if len(methods) > 1:
+            timing["shared_pass"] = methods  # the seconds are the pass's, for all of them together
+        for method in methods:
+            computed[method] = (pass_maps[method], timing | completeness)
+    for method in params.methods:
+        maps, entry = computed.pop(method)
+        if entry.get("available") is False:
+            metrics[method] = entry
+            continue
+        n_images = entry["images"]
         scores, curves_by_method[method] = quality(net, inputs, maps, test, attributes, params, method, random)
-        metrics[method] = {"images": n_images, "seconds_per_image": seconds / n_images, **completeness, **scores}
+        metrics[method] = entry | scores
         sanity_maps[method] = maps[: params.sanity_images]
         rel = relevance(maps)
         mean_by_method[method] = mean_maps(rel)
@@ -521,6 +558,9 @@ def check_params(params: ExplainParams) -> None:
                            f"CAM methods: {list(CAMS)}")
     if not params.methods:
         raise PsyfaceError("params.yaml:explain.methods is empty: name at least one of " + str(list(METHODS)))
+    repeated = sorted({method for method in params.methods if params.methods.count(method) > 1})
+    if repeated:
+        raise PsyfaceError(f"params.yaml:explain.methods names {repeated} more than once")
 
 
 @entry_point
