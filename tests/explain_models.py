@@ -23,6 +23,23 @@ def tiny_vgg(n_outputs: int = 3, seed: int = 0) -> AttributeNet:
     return AttributeNet(features, head, nn.Linear(16, n_outputs)).eval()
 
 
+class Backbone(nn.Module):
+    """Features that are not a Sequential (like a timm backbone): Grad-CAM runs on the whole model."""
+
+    def __init__(self, layers: nn.Sequential):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images)
+
+
+def tiny_backbone_net(n_outputs: int = 3, seed: int = 0) -> AttributeNet:
+    """`tiny_vgg` behind a `Backbone`: the same function, but no VGG layer names to split at."""
+    model = tiny_vgg(n_outputs, seed)
+    return AttributeNet(Backbone(model.features), model.pre_logits, model.last_layer).eval()
+
+
 class KeepRegion(nn.Module):
     """Zeroes the input outside a fixed region: whatever follows can only see that region."""
 

@@ -28,6 +28,7 @@ from psyface.run_safety import training_bytes
 from tests.explain_models import (  # noqa: F401 (images: a fixture)
     SIZE,
     images,
+    tiny_backbone_net,
     tiny_vgg,
 )
 
@@ -65,20 +66,9 @@ def test_an_unknown_method_is_a_user_error(images):
         attribute(tiny_vgg(), images, "saliency")  # type: ignore[arg-type]
 
 
-class Backbone(torch.nn.Module):
-    """Features that are not a Sequential (like a timm backbone): Grad-CAM runs on the whole model."""
-
-    def __init__(self, layers: torch.nn.Sequential):
-        super().__init__()
-        self.layers = layers
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.layers(images)
-
-
 def test_gradcam_on_a_backbone_that_cannot_be_split_gives_the_same_maps(images):
     model = tiny_vgg(n_outputs=3)
-    wrapped = AttributeNet(Backbone(model.features), model.pre_logits, model.last_layer).eval()
+    wrapped = tiny_backbone_net(n_outputs=3)
     torch.testing.assert_close(attribute(wrapped, images, "gradcam"), attribute(model, images, "gradcam"), rtol=1e-4, atol=1e-7)
 
 
@@ -118,7 +108,7 @@ def test_the_cam_family_from_one_shared_pass_equals_each_method_alone(layers, im
 
 def test_the_shared_pass_on_a_backbone_that_cannot_be_split_is_each_method_at_the_last_convolution(images):
     model = tiny_vgg(n_outputs=3)
-    wrapped = AttributeNet(Backbone(model.features), model.pre_logits, model.last_layer).eval()
+    wrapped = tiny_backbone_net(n_outputs=3)
     shared = attribute_many(wrapped, images, list(CAMS))
     for method in CAMS:
         torch.testing.assert_close(shared[method], attribute(model, images, method), rtol=1e-4, atol=1e-7)
@@ -130,7 +120,7 @@ def test_an_unknown_gradcam_layer_is_a_user_error_naming_the_layers(images):
     with pytest.raises(PsyfaceError, match=r"unknown gradcam_layer 'conv9_9'.*'conv1_1', 'conv2_1', 'conv3_1'"):
         attribute(tiny_vgg(), images, "gradcam", MethodOptions(gradcam_layer="conv9_9"))
     model = tiny_vgg()
-    wrapped = AttributeNet(Backbone(model.features), model.pre_logits, model.last_layer).eval()
+    wrapped = tiny_backbone_net(n_outputs=3)
     with pytest.raises(PsyfaceError, match="needs a VGG architecture"):
         attribute(wrapped, images, "gradcam", MethodOptions(gradcam_layer="conv2_1"))
 

@@ -21,7 +21,7 @@ from psyface.explain.stage import (
 from psyface.model import ModelSpec
 from psyface.prepare import prepare
 from psyface.split import SplitParams, assign_splits
-from tests.explain_models import tiny_vgg
+from tests.explain_models import tiny_backbone_net, tiny_vgg
 
 FAST = ExplainParams(
     methods=list(METHODS),  # every method, the ones off by default included
@@ -90,6 +90,18 @@ def test_every_method_is_scored_on_every_attribute_with_regions(explained):
     assert completeness["steps"] == 4 and 0 <= completeness["median_relative_gap"] <= completeness["max_relative_gap"]
     assert completeness["passed"] == (completeness["median_relative_gap"] <= FAST.ig_max_relative_gap)
     json.dumps(metrics, allow_nan=False)  # valid JSON for DVC: undefined numbers are null, not NaN
+
+
+def test_a_cam_layer_the_network_lacks_costs_only_that_method(explained, synthetic_data, tmp_path):
+    """HiResCAM's own conv2_1 does not exist in a non-VGG backbone: Grad-CAM, which shares its pass, still runs."""
+    test = explained[0]
+    names = load_dataset(synthetic_data).attribute_names
+    spec = ModelSpec(attributes=names, image_size=32, target_mean=[4.0] * len(names), target_std=[1.0] * len(names))
+    params = dataclasses.replace(FAST, methods=["gradcam", "hirescam"], max_images={}, region_swap_images=4)
+    metrics, _ = explain_test_set(tiny_backbone_net(n_outputs=len(names)), spec, test, params, tmp_path)
+    assert metrics["hirescam"]["available"] is False and "needs a VGG architecture" in metrics["hirescam"]["reason"]
+    assert metrics["gradcam"]["images"] == len(test.ids) and "shared_pass" not in metrics["gradcam"]
+    assert metrics["gradcam"]["localisation"]["happy"]["relevance_mass_accuracy"] is not None
 
 
 def test_how_local_the_model_itself_is_is_measured_by_swapping_parts_between_faces(explained):

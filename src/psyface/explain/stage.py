@@ -383,7 +383,9 @@ def explain_test_set(
     sanity_maps: dict[Method, torch.Tensor] = {}
     budgets = {method: min(params.max_images.get(method, 0) or len(test.ids), len(test.ids)) for method in params.methods}
     computed: dict[Method, tuple[torch.Tensor, dict[str, Any]]] = {}
-    for n_images, methods in attribution_passes(budgets):
+    passes = attribution_passes(budgets)
+    while passes:
+        n_images, methods = passes.pop(0)
         started = time.perf_counter()
         completeness = {}
         try:
@@ -393,6 +395,9 @@ def explain_test_set(
             else:
                 pass_maps = compute_maps(net, inputs[:n_images], methods, params.options, params.batch_size, progress)
         except PsyfaceError as error:  # e.g. Grad-CAM on a transformer, LRP on layers without rules
+            if len(methods) > 1:  # one CAM method's layer may be missing from this network: alone, each says
+                passes[:0] = [(n_images, [method]) for method in methods]
+                continue
             for method in methods:
                 print(f"explain: {method} not available for {spec.arch}: {error}")
                 computed[method] = (torch.empty(0), {"available": False, "reason": str(error)})
