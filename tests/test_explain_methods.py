@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 from captum.attr import LayerAttribution, LayerGradCam
+from pytorch_grad_cam import GradCAMPlusPlus, HiResCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from psyface.errors import PsyfaceError
 from psyface.explain.methods import (
+    CAMS,
     METHODS,
     MethodOptions,
-    CAMS,
     attribute,
     attribute_many,
     gradcam_grid,
@@ -104,6 +109,36 @@ def test_the_cam_family_from_one_shared_pass_equals_each_method_alone(layers, im
     mixed = attribute_many(model, images, ["lrp", "hirescam"], options)  # other methods keep their own path
     assert list(mixed) == ["lrp", "hirescam"]
     torch.testing.assert_close(mixed["lrp"], attribute(model, images, "lrp", options))
+
+
+def library_raw_cams(model, images, cam_class, layer_index: int, n_outputs: int) -> torch.Tensor:
+    """pytorch-grad-cam's own pass per attribute on the whole model, its raw cam (before the library's
+    min-max scaling) through the class's `get_cam_image`, upsampled as psyface does."""
+    ready = copy.deepcopy(model)
+    for module in ready.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    layer = ready.features[layer_index]
+    maps = torch.zeros(len(images), n_outputs, SIZE, SIZE)
+    with cam_class(ready, [layer]) as cam:
+        for target in range(n_outputs):
+            cam(images, [ClassifierOutputTarget(target)] * len(images))
+            recorded = cam.activations_and_grads
+            raw = np.maximum(cam.get_cam_image(images, layer, None, recorded.activations[0].numpy(),
+                                               recorded.gradients[0].numpy(), False), 0)
+            maps[:, target] = LayerAttribution.interpolate(torch.from_numpy(raw)[:, None], (SIZE, SIZE),
+                                                           interpolate_mode="bilinear")[:, 0]
+    return maps
+
+
+def test_the_shared_pass_equals_pytorch_grad_cams_own_pass_at_a_layer_after_the_split(images):
+    """HiResCAM at conv1_1 puts the split there; Grad-CAM++ at the last convolution is then read
+    from a hook behind it, and both equal the library's own one-pass-per-attribute maps."""
+    model = tiny_vgg(n_outputs=3)
+    shared = attribute_many(model, images, ["hirescam", "gradcam_plusplus"], MethodOptions(cam_layers={"hirescam": "conv1_1"}))
+    torch.testing.assert_close(shared["hirescam"], library_raw_cams(model, images, HiResCAM, 0, 3), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(shared["gradcam_plusplus"], library_raw_cams(model, images, GradCAMPlusPlus, 6, 3),
+                               rtol=1e-4, atol=1e-7)
 
 
 def test_the_shared_pass_on_a_backbone_that_cannot_be_split_is_each_method_at_the_last_convolution(images):

@@ -27,7 +27,7 @@ from psyface.explain.methods import (
     vgg_conv_names,
 )
 from psyface.model import AttributeEnsemble, AttributeNet, build_model
-from tests.explain_models import SIZE, images, tiny_vgg  # noqa: F401 (images: a fixture)
+from tests.explain_models import SIZE, images, tiny_backbone_net, tiny_vgg  # noqa: F401 (images: a fixture)
 
 
 def vgg_like(bias: bool = True, batch_norm: bool = False, seed: int = 0) -> AttributeNet:
@@ -162,16 +162,7 @@ def test_an_unknown_lrp_composite_is_a_user_error_naming_the_known_ones(images):
 
 
 def test_lrp_on_an_adapted_backbone_says_why_it_is_not_available(images):
-    class Adapter(nn.Module):
-        def __init__(self, backbone: nn.Module):
-            super().__init__()
-            self.backbone = backbone
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.backbone(x)
-
-    model = tiny_vgg()
-    adapted = AttributeNet(Adapter(model.features), model.pre_logits, model.last_layer).eval()
+    adapted = tiny_backbone_net()
     with pytest.raises(PsyfaceError, match="LRP is not available for this architecture: its rules here fit plain convolution stacks"):
         attribute(adapted, images, "lrp")
 

@@ -183,14 +183,11 @@ class RawCams:
     (Captum's `LayerAttribution.interpolate`, as Grad-CAM always was here). Several layers (LayerCAM)
     are averaged after bringing each to the first (finest) layer's density: a coarse cell sums what
     several fine ones do, so its value is divided by how many of the first layer's cells it covers.
+    Only the maths is used, on what one shared pass recorded (`cam_family`); the object's own
+    `__call__`, one pass per method, is not.
     """
 
     image_size: tuple[int, int]
-
-    def compute_cam_per_layer(self: Any, input_tensor: torch.Tensor, targets: list, eigen_smooth: bool) -> list[torch.Tensor]:
-        recorded = self.activations_and_grads
-        return self.layer_cams(input_tensor, targets, [a.numpy() for a in recorded.activations],
-                               [g.numpy() for g in recorded.gradients])
 
     def layer_cams(self: Any, input_tensor: torch.Tensor, targets: list, activations: list[np.ndarray],
                    gradients: list[np.ndarray]) -> list[torch.Tensor]:
@@ -233,9 +230,12 @@ def cam_layer(options: MethodOptions, method: str) -> str:
 class SharedCamPass(BaseCAM):
     """pytorch-grad-cam's forward and backward pass (`BaseCAM.forward`: the targets' outputs summed
     and backpropagated) without a method's maths: it returns every hooked layer's (activations,
-    gradients), so several CAM methods are computed from one pass. The library runs one pass per method."""
+    gradients) in the order the forward pass reached them (the library's recording order), so several
+    CAM methods are computed from one pass. The library runs one pass per method object."""
 
-    def compute_cam_per_layer(self, input_tensor: torch.Tensor, targets: list, eigen_smooth: bool) -> list:  # noqa: ARG002
+    def compute_cam_per_layer(  # type: ignore[override]
+        self, input_tensor: torch.Tensor, targets: list, eigen_smooth: bool,  # noqa: ARG002
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         recorded = self.activations_and_grads
         return [(a.numpy(), g.numpy()) for a, g in zip(recorded.activations, recorded.gradients, strict=True)]
 
@@ -243,14 +243,15 @@ class SharedCamPass(BaseCAM):
         return cam_per_target_layer
 
 
-def cam_family(model: nn.Module, images: torch.Tensor, options: MethodOptions, methods: Sequence[str]) -> dict[str, torch.Tensor]:
+def cam_family(model: nn.Module, images: torch.Tensor, options: MethodOptions, methods: Sequence[Method]) -> dict[Method, torch.Tensor]:
     """pytorch-grad-cam methods, each at its `cam_layer` (LayerCAM: it and every later convolution, so
     coarse late layers add what the finer chosen one misses), one regression target per row.
 
-    The network is split at the finest of the methods' layers, every layer any of them reads is
-    hooked, and one forward and backward pass per row feeds every method's maths: Grad-CAM,
-    Grad-CAM++ and LayerCAM at `conv3_3` then cost what HiResCAM at `conv2_1` alone does. A layer's
-    activations and gradients do not depend on where the split is, so the maps are each method's own."""
+    The network is split at the earliest of the methods' layers, every layer any of them reads is
+    hooked, and one forward and backward pass per row feeds every method's maths: with HiResCAM at
+    `conv2_1`, Grad-CAM, Grad-CAM++ and LayerCAM at `conv3_3` add only their hooks and their maths
+    (`benchmarks/bench_explain.py` times the four against a pass each). A layer's activations and
+    gradients do not depend on where the split is, so the maps are each method's own."""
     names = {method: cam_layer(options, method) for method in methods}
     features = getattr(model, "features", None)
     if not isinstance(features, nn.Sequential):
@@ -273,16 +274,21 @@ def cam_family(model: nn.Module, images: torch.Tensor, options: MethodOptions, m
     expanded, targets = expand_targets(activations, n_outputs_of(model))
     expanded.requires_grad_()
     targets = [ClassifierOutputTarget(int(t)) for t in targets]
-    with SharedCamPass(ready, ready_hooked) as shared:
+    shared = SharedCamPass(ready, ready_hooked)
+    try:  # not `with`: BaseCAM.__exit__ prints and swallows an IndexError
         recorded = dict(zip(ready_hooked, shared(expanded, targets), strict=True))
+    finally:
+        shared.activations_and_grads.release()
+    shared.outputs, expanded.grad = None, None  # the graph and the split's gradient are no longer needed
     maps = {}
     for method in methods:
         layers = ready_method_layers[method]
-        with CAMS[method](ready, layers) as cam:
-            cam.image_size = tuple(images.shape[-2:])
-            per_layer = cam.layer_cams(expanded, targets, [recorded[layer][0] for layer in layers],
-                                       [recorded[layer][1] for layer in layers])
-            maps[method] = cam.aggregate_multi_layers(per_layer).reshape(images.shape[0], -1, *images.shape[-2:])
+        cam = CAMS[method](ready, layers)
+        cam.activations_and_grads.release()  # only the method's maths runs, on what the shared pass recorded
+        cam.image_size = tuple(images.shape[-2:])
+        per_layer = cam.layer_cams(expanded, targets, [recorded[layer][0] for layer in layers],
+                                   [recorded[layer][1] for layer in layers])
+        maps[method] = cam.aggregate_multi_layers(per_layer).reshape(images.shape[0], -1, *images.shape[-2:])
     return maps
 
 
@@ -445,7 +451,7 @@ def lrp_relevance(model: nn.Module, images: torch.Tensor, composite: Composite) 
 
 def lrp(model: nn.Module, images: torch.Tensor, options: MethodOptions) -> torch.Tensor:
     """Layer-wise relevance propagation with zennit's `options.lrp_composite`."""
-    if hasattr(getattr(model, "features", None), "backbone"):  # a torchvision/timm adapter
+    if not isinstance(getattr(model, "features", None), nn.Sequential):  # e.g. a torchvision/timm adapter
         raise PsyfaceError("LRP is not available for this architecture: its rules here fit plain convolution "
                            "stacks (VGG), not residual, depthwise or attention blocks")
     return per_image(lrp_relevance(model, images, lrp_composite(options.lrp_composite, model, images.device, options.lrp_epsilon)), images)

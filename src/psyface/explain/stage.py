@@ -391,7 +391,7 @@ def explain_test_set(
         try:
             if methods == ["integrated_gradients"]:
                 maps, completeness["completeness"] = integrated_gradients_checked(net, inputs[:n_images], params, progress)
-                pass_maps = {"integrated_gradients": maps}
+                pass_maps: dict[Method, torch.Tensor] = {"integrated_gradients": maps}
             else:
                 pass_maps = compute_maps(net, inputs[:n_images], methods, params.options, params.batch_size, progress)
         except PsyfaceError as error:  # e.g. Grad-CAM on a transformer, LRP on layers without rules
@@ -404,10 +404,10 @@ def explain_test_set(
             continue
         timing: dict[str, Any] = {"images": n_images, "seconds_per_image": (time.perf_counter() - started) / n_images}
         if len(methods) > 1:
-            timing["shared_pass"] = methods  # the seconds are the pass's, for all of them together
+            timing["shared_pass"] = list(methods)  # the seconds are the pass's, for all of them together
         for method in methods:
             computed[method] = (pass_maps[method], timing | completeness)
-    for method in params.methods:
+    for method in dict.fromkeys(params.methods):  # a method named twice is explained once
         maps, entry = computed.pop(method)
         if entry.get("available") is False:
             metrics[method] = entry
