@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from psyface.arguments import positive_int
 from psyface.errors import PsyfaceError, entry_point
 from psyface.images import load_images, problems_message
 from psyface.io import write_atomic
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", type=Path, metavar="FILE_OR_DIR")
     parser.add_argument("--model", default="models:/psyface-vgg16@champion", help="model URI (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="write the table to this CSV instead of printing it")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument(
         "--allow-any-uri", action="store_true", help="accept URIs other than models:/ (only from stores you trust)"
     )

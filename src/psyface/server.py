@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from psyface.arguments import port_number, positive_int, seconds
 from psyface.errors import PsyfaceError, entry_point
 from psyface.io import process_alive, write_json_atomic
 
@@ -525,11 +526,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = verbs.add_parser("start", help="start PostgreSQL and the MLflow server (basic-auth)")
     p.add_argument("dir", type=Path)
     p.add_argument("--host", default=LOOPBACK, help="address to listen on (default %(default)s: this machine only)")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--workers", type=int, default=4, help="uvicorn worker processes")
+    p.add_argument("--port", type=port_number, default=5000)
+    p.add_argument("--workers", type=positive_int, default=4, help="uvicorn worker processes")
     p.add_argument("--allowed-hosts", help="Host headers MLflow accepts when serving beyond this machine")
     p.add_argument("--admin-password-file", type=Path, help=f"0600 file with the admin password (else ${ADMIN_ENV}); first start only")
-    p.add_argument("--timeout", type=float, default=180, help="seconds to wait for the server to come up")
+    p.add_argument("--timeout", type=seconds, default=180, help="seconds to wait for the server to come up")
     for verb, help_ in (("stop", "stop the MLflow server and PostgreSQL"), ("status", "say what runs")):
         verbs.add_parser(verb, help=help_).add_argument("dir", type=Path)
     p = verbs.add_parser("user", help="manage users")

@@ -36,6 +36,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image, ImageOps
 
+from psyface.arguments import non_negative_int, positive_int
 from psyface.dataset.layout import DATA_DIR, Attribute, DatasetSpec
 from psyface.dataset.reliability import (
     LongColumns,
@@ -693,10 +694,10 @@ def parser() -> argparse.ArgumentParser:
         add("--rater-column", help="rater column of the long table (optional: raters counted)")
         add("--trial-type-column", help="trial-type column of the long table (optional)")
         add("--keep-trial-types", nargs="+", action="extend", help="trial types whose ratings count (default: all)")
-        add("--reliability-splits", type=int, default=200, help="random split-halves per attribute (%(default)s)")
-        add("--reliability-seed", type=int, default=0, help="seed of the split-halves (%(default)s)")
+        add("--reliability-splits", type=positive_int, default=200, help="random split-halves per attribute (%(default)s)")
+        add("--reliability-seed", type=non_negative_int, default=0, help="seed of the split-halves (%(default)s)")
         add("--copy", action="store_true", help="copy kept images (default: hard-link where possible)")
-        add("--workers", type=int, help="decoding processes (default: every core)")
+        add("--workers", type=positive_int, help="decoding processes (default: every core)")
         add("--out", default=str(DATA_DIR), help="output folder (default: data)")
         add("--force", action="store_true", help="replace a non-empty output folder")
     return top
@@ -710,8 +711,6 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, option, getattr(args, option) or default)
     if args.scale and not args.scale[0] < args.scale[1]:
         raise PsyfaceError(f"--scale must be LO HI with LO < HI, got {args.scale}")
-    if args.reliability_splits < 1 or (args.workers is not None and args.workers < 1):
-        raise PsyfaceError("--reliability-splits and --workers must be at least 1")
     plan = generic_plan(args) if args.layout == "generic" else us10k_plan(args)
     print(write_dataset(plan, Path(args.out), args.force, args.workers))
     return 0

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from scipy.spatial import ConvexHull
 from tqdm import tqdm
 
+from psyface.arguments import bounded, non_negative_float, non_negative_int, positive_int
 from psyface.dataset.layout import Attribute, DatasetSpec, Landmarks, Masks
 from psyface.errors import PsyfaceError, entry_point
 from psyface.io import replace_dir_atomic
@@ -526,6 +527,15 @@ def generate(out: Path, config: SynthConfig, progress: bool = True) -> DatasetSp
     return spec
 
 
+# The range of each SynthConfig field on the command line (a split half needs two raters; below 32 px
+# the face's parts are a pixel or two); fields not named take any value of their default's type.
+OPTION_TYPES: dict[str, Callable[[str], object]] = {
+    "n_identities": positive_int, "images_per_identity": positive_int, "size": bounded(int, 32),
+    "raters": bounded(int, 2), "rater_noise": non_negative_float, "pixel_noise": non_negative_float,
+    "seed": non_negative_int,
+}
+
+
 def parse_args(argv: list[str] | None, prog: str = "psyface synth", description: str = __doc__.split("\n\n")[0]
                ) -> tuple[argparse.Namespace, SynthConfig]:
     defaults = SynthConfig()
@@ -533,14 +543,10 @@ def parse_args(argv: list[str] | None, prog: str = "psyface synth", description:
     parser.add_argument("--out", type=Path, default=Path("data"), help="output folder (default: data)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     for name, value in vars(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
+        parser.add_argument(f"--{name.replace('_', '-')}", type=OPTION_TYPES.get(name, type(value)), default=value,
                             help=f"default: {value}")
     args = parser.parse_args(argv)
     config = replace(defaults, **{k: getattr(args, k) for k in vars(defaults)})
-    if config.n_identities < 1 or config.images_per_identity < 1 or config.raters < 2:
-        parser.error("--n-identities and --images-per-identity must be >= 1 and --raters >= 2")
-    if config.size < 32:
-        parser.error("--size must be at least 32 pixels")
     if config.bias_attribute not in ATTRIBUTES:
         parser.error(f"--bias-attribute must be one of {list(ATTRIBUTES)}")
     return args, config

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from psyface.arguments import unit_interval
 from psyface.artifacts import EXPLAIN_METRICS_FILE
 from psyface.config import PARAMS_FILE, read_yaml
 from psyface.errors import PsyfaceError, entry_point
@@ -152,7 +153,7 @@ def experiments_of_head() -> list[str]:
 def table(verdicts: dict[str, Any]) -> str:
     """The verdict per attribute as aligned text: method, worst RMA, each run's RMA."""
     width = max(map(len, verdicts["attributes"]))
-    lines = [f"runs: {', '.join(verdicts['runs'])}" + (f"; target RMA {verdicts['target']:g}" if verdicts["target"] else "")]
+    lines = [f"runs: {', '.join(verdicts['runs'])}" + (f"; target RMA {verdicts['target']:g}" if verdicts["target"] is not None else "")]
     for attribute, entry in verdicts["attributes"].items():
         rmas = " / ".join(f"{value:.2f}" for value in entry["rma_by_run"].values())
         met = {True: "meets target", False: "misses target"}.get(entry.get("meets_target"), "")
@@ -166,7 +167,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="metrics file, 'workspace', Git revision or DVC experiment (default: HEAD and "
                              "every experiment of HEAD)")
-    parser.add_argument("--target", type=float, default=None,
+    parser.add_argument("--target", type=unit_interval, default=None,
                         help="RMA the worst run must reach (default: params.yaml explain.rma_target)")
     parser.add_argument("--out", type=Path, default=None, help="also write the verdicts as JSON here")
     return parser.parse_args(argv)
