@@ -1,5 +1,5 @@
-"""Numeric command-line options out of range: argparse's one-line error and exit 2, before any work,
-never a traceback from deep inside (numpy's seed, range()'s step, socket.bind's port)."""
+"""Command-line mistakes: argparse's (or psyface's) one-line error and exit 2, before any work, never a
+traceback from deep inside (numpy's seed, range()'s step, socket.bind's port, iterdir() on a file)."""
 
 from __future__ import annotations
 
@@ -48,3 +48,13 @@ def test_bounded_parses_values_in_range_and_names_the_range():
     for parse, text in ((port_number, "0"), (port_number, "5000.5"), (unit_interval, "nan"), (unit_interval, "-0.1")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+def test_server_init_on_a_file_is_one_error_line_and_leaves_it_alone(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(SystemExit) as stopped:
+        main(["server", "init", str(notes)])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"psyface: error: {notes} is a file, not a folder; choose a new folder"]
+    assert notes.read_text() == "keep me"

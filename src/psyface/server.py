@@ -262,6 +262,8 @@ def url_of(host: str, port: int) -> str:
 def init(root: Path, artifacts_destination: str | None, admin_username: str) -> ServerDir:
     """Create the folder, the PostgreSQL cluster (password auth) and the generated secrets."""
     folder = ServerDir(root)
+    if folder.root.exists() and not folder.root.is_dir():
+        raise PsyfaceError(f"{folder.root} is a file, not a folder; choose a new folder")
     if (folder.root / CONFIG_FILE).exists():
         raise PsyfaceError(f"{folder.root} is already a psyface server folder; `psyface server start {folder.root}`")
     if folder.root.exists() and any(folder.root.iterdir()):
