@@ -7,8 +7,12 @@ import argparse
 
 import pytest
 
+from PIL import Image
+
 from psyface.arguments import bounded, port_number, unit_interval
 from psyface.cli import main
+from psyface.errors import PsyfaceError
+from psyface.io import replace_dir_atomic, write_atomic
 
 BAD_OPTIONS = [
     (["predict", "--batch-size", "0", "face.png"], "argument --batch-size: must be an integer >= 1, got 0"),
@@ -50,11 +54,45 @@ def test_bounded_parses_values_in_range_and_names_the_range():
             parse(text)
 
 
-def test_server_init_on_a_file_is_one_error_line_and_leaves_it_alone(tmp_path, capsys):
+# --out naming a folder where a file is written, or a file where a folder is: one line before any work
+# (no model is loaded: these projects have none), the file left as it was.
+WRONG_OUTPUTS = [
+    (["predict", "--out", "FOLDER", "FACE"], "FOLDER is a folder; name a file to write"),
+    (["explain", "--model", "models:/none@champion", "--out", "FILE", "FACE"], "FILE is a file, not a folder; name a folder to write"),
+    (["synth", "--out", "FILE"], "FILE is a file, not a folder; name a folder to write"),
+    (["synth-real", "--out", "FILE"], "FILE is a file, not a folder; name a folder to write"),
+    (["synth", "--out", "FILE/data"], "cannot make the folder FILE: part of that path is a file"),
+    (["server", "init", "FILE"], "FILE is a file, not a folder; name a folder to write"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), WRONG_OUTPUTS, ids=[" ".join(argv[:1] + argv[-2:]) for argv, _ in WRONG_OUTPUTS])
+def test_an_output_of_the_wrong_kind_is_one_error_line_and_leaves_the_file_alone(argv, message, tmp_path, capsys):
+    names = {"FOLDER": tmp_path / "folder", "FILE": tmp_path / "notes.txt", "FACE": tmp_path / "face.png"}
+    names["FOLDER"].mkdir()
+    names["FILE"].write_text("keep me")
+    Image.new("RGB", (64, 64), (128, 100, 90)).save(names["FACE"])
+
+    def named(text: str) -> str:
+        for key, path in names.items():
+            text = text.replace(key, str(path))
+        return text
+
+    with pytest.raises(SystemExit) as stopped:
+        main([named(word) for word in argv])
+    assert stopped.value.code == 2
+    expected = named(message)
+    assert capsys.readouterr().err.splitlines() == [f"psyface: error: {expected}"]
+    assert names["FILE"].read_text() == "keep me"
+
+
+def test_the_atomic_writers_refuse_an_output_of_the_wrong_kind(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("keep me")
-    with pytest.raises(SystemExit) as stopped:
-        main(["server", "init", str(notes)])
-    assert stopped.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [f"psyface: error: {notes} is a file, not a folder; choose a new folder"]
-    assert notes.read_text() == "keep me"
+    with pytest.raises(PsyfaceError, match="is a folder; name a file to write"):
+        write_atomic(tmp_path, lambda tmp: tmp.write_text("x"))
+    with pytest.raises(PsyfaceError, match="is a file, not a folder"):
+        replace_dir_atomic(notes, lambda tmp: (tmp / "a").write_text("x"))
+    with pytest.raises(PsyfaceError, match="part of that path is a file"):
+        write_atomic(notes / "metrics.json", lambda tmp: tmp.write_text("x"))
+    assert notes.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

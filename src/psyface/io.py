@@ -17,9 +17,35 @@ import psutil
 from psyface.errors import PsyfaceError
 
 
+def make_folder(path: Path) -> Path:
+    """`mkdir -p`, with one error line where part of the path is a file (a user's `--out` typo)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise PsyfaceError(f"cannot make the folder {path}: part of that path is a file") from None
+    return path
+
+
+def output_file(path: Path) -> Path:
+    """`path` checked as a file to write (not a folder), its folder made; commands call it before their
+    work, so a wrong `--out` costs nothing."""
+    if path.is_dir():
+        raise PsyfaceError(f"{path} is a folder; name a file to write")
+    make_folder(path.parent)
+    return path
+
+
+def output_folder(path: Path) -> Path:
+    """`path` checked as a folder to write (not a file), its parent made."""
+    if path.exists() and not path.is_dir():
+        raise PsyfaceError(f"{path} is a file, not a folder; name a folder to write")
+    make_folder(path.parent)
+    return path
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` for a temporary sibling of `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    output_file(path)
     remove_dead_leftovers(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -59,7 +85,7 @@ def process_alive(pid: int) -> bool:
 
 def replace_dir_atomic(path: Path, fill: Callable[[Path], None]) -> Path:
     """Build a whole output folder under a temporary name, then swap it in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(path)
     remove_dead_leftovers(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

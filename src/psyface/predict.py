@@ -15,7 +15,7 @@ from pathlib import Path
 from psyface.arguments import positive_int
 from psyface.errors import PsyfaceError, entry_point
 from psyface.images import load_images, problems_message
-from psyface.io import write_atomic
+from psyface.io import output_file, write_atomic
 from psyface.model import predict_ratings
 from psyface.serving import ratings_frame
 
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.startswith(TRUSTED_SCHEMES) and not args.allow_any_uri:
         raise PsyfaceError(f"refusing model URI {args.model!r}: expected models:/NAME@ALIAS (pass --allow-any-uri to override)")
     files = image_files(args.inputs)
+    if args.out:
+        output_file(args.out)
     from psyface.tracking import load_model
 
     net, spec = load_model(args.model)

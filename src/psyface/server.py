@@ -39,7 +39,7 @@ from pathlib import Path
 
 from psyface.arguments import port_number, positive_int, seconds
 from psyface.errors import PsyfaceError, entry_point
-from psyface.io import process_alive, write_json_atomic
+from psyface.io import output_folder, process_alive, write_json_atomic
 
 CONFIG_FILE = "config.json"
 SECRETS_FILE = "secrets.json"
@@ -262,9 +262,7 @@ def url_of(host: str, port: int) -> str:
 def init(root: Path, artifacts_destination: str | None, admin_username: str) -> ServerDir:
     """Create the folder, the PostgreSQL cluster (password auth) and the generated secrets."""
     folder = ServerDir(root)
-    if folder.root.exists() and not folder.root.is_dir():
-        raise PsyfaceError(f"{folder.root} is a file, not a folder; choose a new folder")
-    if (folder.root / CONFIG_FILE).exists():
+    if (output_folder(folder.root) / CONFIG_FILE).exists():
         raise PsyfaceError(f"{folder.root} is already a psyface server folder; `psyface server start {folder.root}`")
     if folder.root.exists() and any(folder.root.iterdir()):
         raise PsyfaceError(f"{folder.root} exists and is not empty; choose a new folder")

@@ -49,7 +49,7 @@ from psyface.dataset.reliability import (
 from psyface.errors import PsyfaceError, entry_point
 from psyface.parallel import process_map, usable_cores
 from psyface.images import ImageProblem, open_image, to_rgb
-from psyface.io import replace_dir_atomic
+from psyface.io import output_folder, replace_dir_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 UNKNOWN = "unknown"
@@ -410,9 +410,7 @@ def write_dataset(plan: ImportPlan, out: Path, force: bool, workers: int | None 
         raise PsyfaceError(f"{where}: no numeric column left to use as an attribute; columns found: {columns}")
     if not plan.images_dir.is_dir():
         raise PsyfaceError(f"images folder {plan.images_dir} not found")
-    if out.is_file():
-        raise PsyfaceError(f"--out {out} is a file; give a folder")
-    if out.exists() and any(out.iterdir()) and not force:
+    if output_folder(out).exists() and any(out.iterdir()) and not force:
         raise PsyfaceError(f"{out} exists and is not empty; pass --force to replace it")
     unknown = sorted(set(plan.reliability) - set(plan.attributes))
     if unknown:

@@ -36,6 +36,7 @@ from psyface.dataset.synth import (
     simulate_raters,
 )
 from psyface.errors import PsyfaceError, entry_point
+from psyface.io import output_folder
 
 FACES_LINK = "faces"
 LONG_FILE = "ratings_long.csv"
@@ -85,7 +86,7 @@ def write_real_layout(out: Path, config: SynthConfig, progress: bool = True) -> 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv, prog="psyface synth-real", description=__doc__.split("\n\n")[0])
-    out: Path = args.out
+    out: Path = output_folder(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise PsyfaceError(f"{out} exists and is not empty; pass --force to replace it")
     staging = out.with_name(f".{out.name}.synth-tmp")

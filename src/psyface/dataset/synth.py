@@ -30,7 +30,7 @@ from tqdm import tqdm
 from psyface.arguments import bounded, non_negative_float, non_negative_int, positive_int
 from psyface.dataset.layout import Attribute, DatasetSpec, Landmarks, Masks
 from psyface.errors import PsyfaceError, entry_point
-from psyface.io import replace_dir_atomic
+from psyface.io import output_folder, replace_dir_atomic
 
 REGIONS = ["mouth", "brows", "eyes", "jaw", "cheeks", "forehead", "hair"]
 EXPRESSIONS = ["neutral", "happy", "sad", "surprised", "angry"]
@@ -555,7 +555,7 @@ def parse_args(argv: list[str] | None, prog: str = "psyface synth", description:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv)
-    out: Path = args.out
+    out: Path = output_folder(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise PsyfaceError(f"{out} exists and is not empty; pass --force to replace it")
     generated = []

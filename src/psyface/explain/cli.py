@@ -22,7 +22,7 @@ from psyface.errors import PsyfaceError, entry_point
 from psyface.explain.methods import METHODS, MethodOptions, attribute
 from psyface.explain.scores import relevance
 from psyface.images import load_images, problems_message
-from psyface.io import write_atomic
+from psyface.io import output_folder, write_atomic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,6 +52,7 @@ def cam_options(layer: str | None, params: Path = PARAMS_FILE) -> MethodOptions:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    output_folder(args.out)
     from psyface.explain.figures import overlay, save_npy, save_png
     from psyface.model import to_input
     from psyface.tracking import load_model
