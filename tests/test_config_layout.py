@@ -1,3 +1,4 @@
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -70,3 +71,17 @@ def test_inconsistent_dataset_yaml_is_reported(tmp_path, synthetic_data):
         load_dataset(tmp_path)
     with pytest.raises(PsyfaceError, match="psyface synth"):
         load_dataset(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (b"train: {epochs: [\n", r"params.yaml:2:1: not valid YAML: expected the node content, but found '<stream end>' \(while parsing a flow node\)$"),
+    (b"train:\n  epochs: 3\n   lr: 1\n", r"params.yaml:3:6: not valid YAML: mapping values are not allowed here$"),
+    (b"train: {seed: \xff}\n", r"params.yaml is not UTF-8 text \(byte 0xff at offset 14\); re-save it as UTF-8$"),
+])
+def test_a_params_file_that_is_not_yaml_is_one_line_with_its_position(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(text)
+    with pytest.raises(PsyfaceError) as raised:
+        load_section("train", Params, path)
+    assert "\n" not in str(raised.value)
+    assert re.search(message, str(raised.value))

@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 
 import yaml
 
-from psyface.errors import PsyfaceError
+from psyface.errors import PsyfaceError, not_utf8
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -52,14 +52,25 @@ UnitFloat = Annotated[float, Bound(0, 1)]  # a share or threshold in [0, 1]
 OpenUnitFloat = Annotated[float, Bound(0, 1, open_low=True, open_high=True)]  # a fraction or level in (0, 1)
 
 
+def yaml_error_line(path: Path, error: yaml.YAMLError) -> str:
+    """PyYAML's error (several lines, with a caret drawing) as one line `PATH:LINE:COLUMN: ...`."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    context = getattr(error, "context", None)
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping, with a clear error when the file is missing or not a mapping."""
     if not path.is_file():
         raise PsyfaceError(f"{path} not found")
     try:
         content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise not_utf8(path, error) from None
     except yaml.YAMLError as error:
-        raise PsyfaceError(f"{path} is not valid YAML: {error}") from None
+        raise PsyfaceError(yaml_error_line(path, error)) from None
     if content is None:
         return {}
     if not isinstance(content, dict):

@@ -22,6 +22,12 @@ class PsyfaceError(Exception):
     """A problem the user can fix: the message says what is wrong and where."""
 
 
+def not_utf8(path: object, error: UnicodeDecodeError) -> PsyfaceError:
+    """The error for a text file (table, YAML) in another encoding: which byte, where, and the fix."""
+    return PsyfaceError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+                        "re-save it as UTF-8")
+
+
 def server_refusal(error: BaseException) -> str | None:
     """One line for a tracking server's refusal, failure or absence (401, 403, 5xx, unreachable), else None.
 

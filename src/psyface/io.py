@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from psyface.errors import PsyfaceError
+from psyface.errors import PsyfaceError, not_utf8
 
 
 def make_folder(path: Path) -> Path:
@@ -107,10 +107,7 @@ def read_csv_checked(path: Path, **read_csv_options: Any) -> pd.DataFrame:
     try:
         return pd.read_csv(path, encoding="utf-8", **read_csv_options)
     except UnicodeDecodeError as error:
-        raise PsyfaceError(
-            f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
-            "re-save it as UTF-8"
-        ) from None
+        raise not_utf8(path, error) from None
     except pd.errors.EmptyDataError:
         raise PsyfaceError(f"{path} is empty: expected a header line and one row per image") from None
     except pd.errors.ParserError as error:

@@ -46,7 +46,7 @@ from psyface.dataset.reliability import (
     read_reliability_table,
     reliabilities,
 )
-from psyface.errors import PsyfaceError, entry_point
+from psyface.errors import PsyfaceError, entry_point, not_utf8
 from psyface.parallel import process_map, usable_cores
 from psyface.images import ImageProblem, open_image, to_rgb
 from psyface.io import output_folder, replace_dir_atomic
@@ -133,10 +133,7 @@ def read_text(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise PsyfaceError(
-            f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
-            "re-save it as UTF-8"
-        ) from None
+        raise not_utf8(path, error) from None
 
 
 def field_counts(text: str, delimiter: str) -> list[int]:
