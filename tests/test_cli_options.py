@@ -9,27 +9,27 @@ import pytest
 
 from PIL import Image
 
-from psyface.arguments import bounded, port_number, unit_interval
+from psyface.arguments import non_negative_float, port_number, unit_interval
 from psyface.cli import main
 from psyface.errors import PsyfaceError
 from psyface.io import replace_dir_atomic, write_atomic
 
 BAD_OPTIONS = [
-    (["predict", "--batch-size", "0", "face.png"], "argument --batch-size: must be an integer >= 1, got 0"),
-    (["synth", "--out", "OUT", "--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
-    (["synth", "--out", "OUT", "--pixel-noise", "-3"], "argument --pixel-noise: must be a number >= 0, got -3"),
-    (["synth", "--out", "OUT", "--rater-noise", "inf"], "argument --rater-noise: must be a number >= 0, got inf"),
-    (["synth", "--out", "OUT", "--raters", "1"], "argument --raters: must be an integer >= 2, got 1"),
-    (["synth", "--out", "OUT", "--size", "16"], "argument --size: must be an integer >= 32, got 16"),
-    (["synth-real", "--out", "OUT", "--n-identities", "0"], "argument --n-identities: must be an integer >= 1, got 0"),
-    (["server", "start", "DIR", "--port", "70000"], "argument --port: must be an integer from 1 to 65535, got 70000"),
-    (["server", "start", "DIR", "--workers", "0"], "argument --workers: must be an integer >= 1, got 0"),
-    (["server", "start", "DIR", "--timeout", "0"], "argument --timeout: must be a number >= 1, got 0"),
+    (["predict", "--batch-size", "0", "face.png"], "argument --batch-size: 0 is out of range (must be >= 1)"),
+    (["synth", "--out", "OUT", "--seed", "-1"], "argument --seed: -1 is out of range (must be >= 0)"),
+    (["synth", "--out", "OUT", "--pixel-noise", "-3"], "argument --pixel-noise: -3.0 is out of range (must be >= 0)"),
+    (["synth", "--out", "OUT", "--rater-noise", "inf"], "argument --rater-noise: inf is out of range (must be >= 0)"),
+    (["synth", "--out", "OUT", "--raters", "1"], "argument --raters: 1 is out of range (must be >= 2)"),
+    (["synth", "--out", "OUT", "--size", "16"], "argument --size: 16 is out of range (must be >= 32)"),
+    (["synth-real", "--out", "OUT", "--n-identities", "0"], "argument --n-identities: 0 is out of range (must be >= 1)"),
+    (["server", "start", "DIR", "--port", "70000"], "argument --port: 70000 is out of range (must be >= 1 and <= 65535)"),
+    (["server", "start", "DIR", "--workers", "0"], "argument --workers: 0 is out of range (must be >= 1)"),
+    (["server", "start", "DIR", "--timeout", "0"], "argument --timeout: 0.0 is out of range (must be > 0)"),
     (["import", "generic", "--images", "DIR", "--id-column", "id", "--reliability-seed", "-1"],
-     "argument --reliability-seed: must be an integer >= 0, got -1"),
-    (["import", "us10k", "--reliability-splits", "0"], "argument --reliability-splits: must be an integer >= 1, got 0"),
-    (["import", "us10k", "--workers", "0"], "argument --workers: must be an integer >= 1, got 0"),
-    (["verdicts", "--target", "1.5"], "argument --target: must be a number from 0 to 1, got 1.5"),
+     "argument --reliability-seed: -1 is out of range (must be >= 0)"),
+    (["import", "us10k", "--reliability-splits", "0"], "argument --reliability-splits: 0 is out of range (must be >= 1)"),
+    (["import", "us10k", "--workers", "0"], "argument --workers: 0 is out of range (must be >= 1)"),
+    (["verdicts", "--target", "1.5"], "argument --target: 1.5 is out of range (must be >= 0 and <= 1)"),
 ]
 
 
@@ -46,9 +46,9 @@ def test_an_option_out_of_range_is_one_error_line_and_exit_2(argv, message, tmp_
     assert not (tmp_path / "OUT").exists()  # refused before anything was written
 
 
-def test_bounded_parses_values_in_range_and_names_the_range():
+def test_the_argument_types_take_values_in_range_and_refuse_the_rest():
     assert port_number("5000") == 5000 and unit_interval("0") == 0.0 and unit_interval("1") == 1.0
-    assert bounded(float, 0.0)("2.5") == 2.5
+    assert non_negative_float("2.5") == 2.5
     for parse, text in ((port_number, "0"), (port_number, "5000.5"), (unit_interval, "nan"), (unit_interval, "-0.1")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)

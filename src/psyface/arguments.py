@@ -1,8 +1,10 @@
-"""argparse types for the commands' numeric options.
+"""argparse types for the commands' numeric options, from the bounded number types of params.yaml.
 
-A value out of range becomes argparse's own usage error (exit 2, `error: argument --seed: ...`) before
-any work starts, instead of a traceback from deep inside: numpy refusing a negative seed, `range()` a
-zero batch, `socket.bind` a port past 65535. argparse has no bounded number type, hence these.
+A value out of range becomes argparse's own usage error (exit 2, `error: argument --seed: -1 is out of
+range (must be >= 0)`) before any work starts, instead of a traceback from deep inside: numpy refusing a
+negative seed, `range()` a zero batch, `socket.bind` a port past 65535. The ranges are
+`psyface.config`'s (`PositiveInt`, `UnitFloat`...), so a number means the same on the command line as in
+params.yaml; argparse itself has no bounded number type.
 """
 
 from __future__ import annotations
@@ -10,29 +12,31 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import Annotated, Any, get_args
+
+from psyface.config import Bound, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitFloat
 
 
-def bounded(kind: type[int] | type[float], low: float, high: float | None = None) -> Callable[[str], int | float]:
-    """A `type=` callable that parses `kind` and refuses values outside [low, high]."""
-    words = "an integer" if kind is int else "a number"
-    allowed = f">= {low:g}" if high is None else f"from {low:g} to {high:g}"
+def argument_type(hint: Any) -> Callable[[str], int | float]:
+    """A `type=` callable for a bounded number type `Annotated[int | float, Bound(...)]`."""
+    kind, bound = get_args(hint)[:2]
 
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {words} {allowed}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {words} {allowed}, got {text}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or not bound.allows(value):
+            raise argparse.ArgumentTypeError(f"{value!r} is out of range ({bound.describe()})")
         return value
 
-    parse.__name__ = f"{kind.__name__} {allowed}"
+    parse.__name__ = kind.__name__
     return parse
 
 
-positive_int = bounded(int, 1)
-non_negative_int = bounded(int, 0)
-non_negative_float = bounded(float, 0.0)
-seconds = bounded(float, 1.0)
-port_number = bounded(int, 1, 65535)
-unit_interval = bounded(float, 0.0, 1.0)
+positive_int = argument_type(PositiveInt)
+non_negative_int = argument_type(NonNegativeInt)
+non_negative_float = argument_type(NonNegativeFloat)
+seconds = argument_type(PositiveFloat)
+unit_interval = argument_type(UnitFloat)
+port_number = argument_type(Annotated[int, Bound(1, 65535)])

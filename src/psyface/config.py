@@ -35,13 +35,19 @@ class Bound:
     open_low: bool = False
     open_high: bool = False
 
-    def check(self, value: float, where: str) -> None:
+    def allows(self, value: float) -> bool:
         too_low = self.low is not None and (value <= self.low if self.open_low else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.open_high else value > self.high)
-        if too_low or too_high:
-            low = "" if self.low is None else f"{'>' if self.open_low else '>='} {self.low:g}"
-            high = "" if self.high is None else f"{'<' if self.open_high else '<='} {self.high:g}"
-            raise PsyfaceError(f"{where}: {value!r} is out of range (must be {' and '.join(filter(None, (low, high)))})")
+        return not (too_low or too_high)
+
+    def describe(self) -> str:
+        low = "" if self.low is None else f"{'>' if self.open_low else '>='} {self.low:g}"
+        high = "" if self.high is None else f"{'<' if self.open_high else '<='} {self.high:g}"
+        return f"must be {' and '.join(filter(None, (low, high)))}"
+
+    def check(self, value: float, where: str) -> None:
+        if not self.allows(value):
+            raise PsyfaceError(f"{where}: {value!r} is out of range ({self.describe()})")
 
 
 PositiveInt = Annotated[int, Bound(1)]

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
@@ -27,7 +28,8 @@ from PIL import Image, ImageDraw
 from scipy.spatial import ConvexHull
 from tqdm import tqdm
 
-from psyface.arguments import bounded, non_negative_float, non_negative_int, positive_int
+from psyface.arguments import argument_type, non_negative_float, non_negative_int, positive_int
+from psyface.config import Bound
 from psyface.dataset.layout import Attribute, DatasetSpec, Landmarks, Masks
 from psyface.errors import PsyfaceError, entry_point
 from psyface.io import output_folder, replace_dir_atomic
@@ -530,9 +532,9 @@ def generate(out: Path, config: SynthConfig, progress: bool = True) -> DatasetSp
 # The range of each SynthConfig field on the command line (a split half needs two raters; below 32 px
 # the face's parts are a pixel or two); fields not named take any value of their default's type.
 OPTION_TYPES: dict[str, Callable[[str], object]] = {
-    "n_identities": positive_int, "images_per_identity": positive_int, "size": bounded(int, 32),
-    "raters": bounded(int, 2), "rater_noise": non_negative_float, "pixel_noise": non_negative_float,
-    "seed": non_negative_int,
+    "n_identities": positive_int, "images_per_identity": positive_int, "size": argument_type(Annotated[int, Bound(32)]),
+    "raters": argument_type(Annotated[int, Bound(2)]), "rater_noise": non_negative_float,
+    "pixel_noise": non_negative_float, "seed": non_negative_int,
 }
 
 
