@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 
 import pytest
-
 from PIL import Image
 
 from psyface.arguments import non_negative_float, port_number, unit_interval

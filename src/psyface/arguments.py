@@ -30,7 +30,6 @@ def argument_type(hint: Any) -> Callable[[str], int | float]:
             raise argparse.ArgumentTypeError(f"{value!r} is out of range ({bound.describe()})")
         return value
 
-    parse.__name__ = kind.__name__
     return parse
 
 
